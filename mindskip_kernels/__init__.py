@@ -1,0 +1,36 @@
+"""mindskip_kernels: dynamic-depth attention (MindSkip, Router-Tuning) with fused kernels.
+
+A router in front of an attention sub-layer decides per token (or per sequence) whether attention runs;
+only the kept tokens are gathered, attended among at their original positions, and scattered back into
+the residual stream.
+"""
+
+from mindskip_kernels.attention import MindSkipAttention, mindskip_attention
+from mindskip_kernels.backends import available as available_backends
+from mindskip_kernels.ops import varlen_attention
+from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MindSkipAttention",
+    "RoutingPlan",
+    "apply_mindskip",
+    "available_backends",
+    "gather",
+    "load_routers",
+    "mindskip_attention",
+    "route",
+    "save_routers",
+    "scatter_add",
+    "varlen_attention",
+]
+
+
+def __getattr__(name: str):
+    """The Hugging Face integration imports transformers, so it loads on first use."""
+    if name in ("apply_mindskip", "save_routers", "load_routers"):
+        from mindskip_kernels.integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'mindskip_kernels' has no attribute {name!r}")

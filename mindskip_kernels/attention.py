@@ -1,0 +1,146 @@
+"""The MindSkip attention sub-layer: route, gather the kept tokens, attend among them at their original
+positions, scatter the result back into the residual. `routed_update` is the one place this happens; the
+drop-in module, the functional form and the Hugging Face integration all call it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mindskip_kernels import _checks as check
+from mindskip_kernels.ops import varlen_attention
+from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
+
+Attend = Callable[[torch.Tensor, RoutingPlan], torch.Tensor]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin [T, head_dim] at the given positions (the half-split layout of Llama)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, Dh] by cos/sin [T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     plan: RoutingPlan, softmax_scale: float | None, backend: str) -> torch.Tensor:
+    """RoPE at the kept tokens' original positions, then causal attention among each sequence's kept tokens.
+    q [T, Hq, Dh], k/v [T, Hkv, Dh], cos/sin [T, Dh]; returns [T, Hq * Dh]."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = varlen_attention(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                           causal=True, softmax_scale=softmax_scale, backend=backend)
+    return out.reshape(out.shape[0], -1)
+
+
+def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,
+                  residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
+                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  training: bool = False, backend: str = "auto"
+                  ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
+    """One MindSkip sub-layer on normalized states z [B, N, D].
+
+    `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
+    (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention; keep_rate is the
+    fraction of real tokens kept. With `training`, the hard decision carries the straight-through gradient
+    (forward value exactly 1 on kept rows, d/dscore = 1), so keep_rate and the LM loss reach the router.
+    """
+    plan = route(z, router_weight, threshold=threshold, granularity=granularity,
+                 attention_mask=attention_mask, position_ids=position_ids, backend=backend)
+    base = torch.zeros_like(z) if residual is None else residual
+    if residual is not None:
+        check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
+    real = torch.ones_like(plan.keep) if attention_mask is None else attention_mask != 0
+    gate = plan.keep.to(plan.scores.dtype)
+    if training:
+        gate = gate + (plan.scores - plan.scores.detach())
+    keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+    values = attend(gather(z, plan, backend=backend), plan)
+    scale = gate.reshape(-1).index_select(0, plan.indices) if training else None
+    out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)
+    return out, plan, keep_rate
+
+
+def mindskip_attention(hidden_states: torch.Tensor, router_weight: torch.Tensor, q_weight: torch.Tensor,
+                       k_weight: torch.Tensor, v_weight: torch.Tensor, o_weight: torch.Tensor, *,
+                       num_heads: int, num_kv_heads: int, residual: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       biases: tuple[torch.Tensor | None, ...] = (None, None, None, None),
+                       threshold: float = 0.5, granularity: str = "token", rope_theta: float = 10000.0,
+                       softmax_scale: float | None = None, training: bool = False, backend: str = "auto"
+                       ) -> torch.Tensor:
+    """Functional MindSkip self-attention (Llama-style: q/k/v/o projections, GQA, RoPE, causal).
+
+    hidden_states [B, N, D] is the attention input (already normalized); the router reads it. Returns the
+    attention output with exact zeros on skipped rows or, with `residual`, residual + attention on kept
+    rows (skipped rows bit-identical).
+    """
+    check.tensor("hidden_states", hidden_states, ndim=3, dtypes=check.FLOAT_DTYPES)
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    if q_weight.shape[0] % num_heads:
+        raise ValueError(f"q_weight rows ({q_weight.shape[0]}) must be num_heads ({num_heads}) x head_dim")
+    head_dim = q_weight.shape[0] // num_heads
+    qb, kb, vb, ob = biases
+
+    def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        q = F.linear(zp, q_weight, qb).view(-1, num_heads, head_dim)
+        k = F.linear(zp, k_weight, kb).view(-1, num_kv_heads, head_dim)
+        v = F.linear(zp, v_weight, vb).view(-1, num_kv_heads, head_dim)
+        cos, sin = rope_cos_sin(plan.positions, head_dim, rope_theta, q.dtype)
+        return F.linear(packed_attention(q, k, v, cos, sin, plan, softmax_scale, backend), o_weight, ob)
+
+    out, _, _ = routed_update(hidden_states, router_weight, attend, residual=residual, threshold=threshold,
+                              granularity=granularity, attention_mask=attention_mask,
+                              position_ids=position_ids, training=training, backend=backend)
+    return out
+
+
+class MindSkipAttention(nn.Module):
+    """Drop-in causal self-attention with a MindSkip router (Llama-style projections, GQA, RoPE).
+
+    The router is `nn.Linear(hidden_size, 1, bias=False)`, zero-initialised (score 0.5 = default threshold,
+    so everything is kept until it is trained). `forward(hidden_states, residual=None, position_ids=None,
+    attention_mask=None)`: see `mindskip_attention`.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, *, bias: bool = False, rope_theta: float = 10000.0,
+                 threshold: float = 0.5, granularity: str = "token", backend: str = "auto") -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.threshold = check.threshold(threshold)
+        self.granularity = check.granularity(granularity)
+        self.rope_theta = rope_theta
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+        self.router = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.router.weight)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        return mindskip_attention(
+            hidden_states, self.router.weight, *(p.weight for p in projs), num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, residual=residual, position_ids=position_ids,
+            attention_mask=attention_mask, biases=tuple(p.bias for p in projs), threshold=self.threshold,
+            granularity=self.granularity, rope_theta=self.rope_theta, training=self.training,
+            backend=self.backend)

@@ -1,0 +1,51 @@
+"""Backend registry: resolves `backend=` ("auto", "reference", "triton", "compiled") per op, device and dtype."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+NAMES = ("auto", "reference", "triton", "compiled")
+# "auto" preference order: the fastest first.
+PREFERENCE = {"cuda": ("triton", "compiled", "reference"), "cpu": ("compiled", "reference")}
+
+
+def _module(name: str) -> ModuleType | None:
+    """The backend module, or None when it cannot be imported here (e.g. triton not installed)."""
+    try:
+        return importlib.import_module(f"mindskip_kernels.backends.{name}")
+    except ImportError:
+        return None
+
+
+def available() -> dict[str, bool]:
+    """Which backends can run at all in this installation."""
+    out = {}
+    for name in NAMES[1:]:
+        mod = _module(name)
+        out[name] = mod is not None and getattr(mod, "available", lambda: True)()
+    return out
+
+
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module that runs `op` for tensors on `device` with `dtype`, or a clear error."""
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if backend == "auto":
+        for name in PREFERENCE.get(device.type, ("reference",)):
+            mod = _module(name)
+            if mod is not None and mod.supports(op, device, dtype):
+                return mod
+        raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
+    mod = _module(backend)
+    if mod is None:
+        raise RuntimeError(f"backend {backend!r} cannot be imported here; install its extra "
+                           f"(pip install 'mindskip_kernels[{backend}]') or use backend='reference'")
+    if backend == "compiled":
+        mod.load()  # raises the "not built" error with instructions
+    if not mod.supports(op, device, dtype):
+        raise ValueError(f"backend {backend!r} does not support {op} for {str(dtype).removeprefix('torch.')} "
+                         f"tensors on {device.type}; use backend='auto' or 'reference'")
+    return mod

@@ -1,0 +1,100 @@
+"""Plain-PyTorch reference backend: the semantics every kernel is tested against.
+
+Vectorised (no Python loop over tokens), runs on any device and in fp64, and is differentiable, so it is
+also the CPU training path. Compaction uses `nonzero()`, which synchronises with an accelerator: the
+Triton and compiled backends avoid that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "reference"
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention")
+
+
+def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    return op in OPS
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for low precision, fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
+           granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [B,N] (sigmoid of the router logit) and keep flags [B,N]; `mask` [B,N] bool marks real tokens."""
+    ct = compute_dtype(z.dtype)
+    w = weight.reshape(-1).to(ct)
+    if granularity == "token":
+        scores = torch.sigmoid(z.to(ct) @ w)
+    else:
+        m = mask.to(ct)
+        zsum = torch.einsum("bn,bnd->bd", m, z.to(ct))
+        zmean = zsum / m.sum(1).clamp_min(1.0).unsqueeze(1)
+        scores = torch.sigmoid(zmean @ w).unsqueeze(1).expand_as(m)
+    keep = (scores >= threshold) & mask
+    return scores, keep
+
+
+def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices [T] (flat b*N+n, ascending), cu_seqlens [B+1] int32, positions [T] int64."""
+    indices = keep.reshape(-1).nonzero().squeeze(1)
+    cu_seqlens = F.pad(keep.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    positions = position_ids.reshape(-1).index_select(0, indices).long()
+    return indices, cu_seqlens, positions
+
+
+def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return x2d.index_select(0, indices)
+
+
+def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is not None:
+        values = values * scale.to(values.dtype).unsqueeze(1)
+    return residual2d.index_add(0, indices, values)
+
+
+def _to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, tuple]:
+    """Packed [T,H,D] -> padded [B,H,L,D] plus the (sequence, offset) index of every packed row."""
+    batch = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    rows = torch.arange(x.shape[0], device=x.device)
+    seq = torch.searchsorted(cu[1:], rows, right=True)
+    offset = rows - cu.index_select(0, seq)
+    padded = x.new_zeros(batch, max_len, x.shape[1], x.shape[2])
+    padded[seq, offset] = x
+    return padded.transpose(1, 2), (seq, offset)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     softmax_scale: float) -> torch.Tensor:
+    """Attention per sequence of packed tokens, GQA, fp32 accumulation; causal aligned bottom-right.
+
+    Sequences are padded to the given maxima and run through SDPA with a mask; a query that sees no key
+    (empty key sequence) gets zeros.
+    """
+    ct = compute_dtype(q.dtype)
+    len_q = max(int(max_seqlen_q), 1)
+    len_k = max(int(max_seqlen_k), 1)
+    qp, (seq_q, off_q) = _to_padded(q.to(ct), cu_seqlens_q, len_q)
+    kp, _ = _to_padded(k.to(ct), cu_seqlens_k, len_k)
+    vp, _ = _to_padded(v.to(ct), cu_seqlens_k, len_k)
+
+    n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long().view(-1, 1, 1, 1)
+    n_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().view(-1, 1, 1, 1)
+    i = torch.arange(len_q, device=q.device).view(1, 1, -1, 1)
+    j = torch.arange(len_k, device=q.device).view(1, 1, 1, -1)
+    allowed = j < n_k
+    if causal:
+        allowed = allowed & (j <= i + (n_k - n_q))
+    has_key = allowed.any(-1, keepdim=True)
+    allowed = allowed | (~has_key & (j == 0))  # keep fully-masked rows finite; zeroed below
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed, scale=softmax_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    out = out * has_key
+    return out.transpose(1, 2)[seq_q, off_q].to(q.dtype)

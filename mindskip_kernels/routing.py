@@ -1,0 +1,133 @@
+"""Routing: which tokens run attention (`route` -> `RoutingPlan`), and moving rows in and out of the packed
+layout of kept tokens (`gather`, `scatter_add`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mindskip_kernels import _checks as check
+from mindskip_kernels.backends import resolve
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """The routing decision for a batch [B, N] and its compacted form.
+
+    scores:     [B, N] float32 sigmoid router scores ("sequence": the sequence's score on each token)
+    keep:       [B, N] bool, True where attention runs (padding is never kept)
+    indices:    [T] int64 flat index b*N+n of each kept token, ascending
+    cu_seqlens: [B+1] int32 prefix sum of kept tokens per sequence
+    positions:  [T] int64 original position id of each kept token (for RoPE)
+    max_seqlen: int, an upper bound on kept tokens per sequence (exact on CPU, N on accelerators, so
+                that no device sync is needed)
+    """
+
+    scores: torch.Tensor
+    keep: torch.Tensor
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.keep.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def num_kept(self) -> int:
+        """T, the number of kept tokens (known from the shape: no sync)."""
+        return self.indices.shape[0]
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int,
+                  device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    check.tensor("attention_mask", attention_mask, ndim=2)
+    check.shape_match("attention_mask", attention_mask, (batch, seq_len), "[B, N] of z, 1 = real, 0 = pad")
+    return attention_mask != 0
+
+
+def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
+                  device: torch.device) -> torch.Tensor:
+    if position_ids is None:
+        return torch.arange(seq_len, device=device).expand(batch, seq_len)
+    check.tensor("position_ids", position_ids, ndim=(1, 2), dtypes=check.INDEX_DTYPES)
+    if position_ids.shape[-1] != seq_len or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        raise ValueError(f"position_ids must have shape [{batch}, {seq_len}], [1, {seq_len}] or [{seq_len}], "
+                         f"got {tuple(position_ids.shape)}")
+    return position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+
+
+def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
+          attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+          backend: str = "auto") -> RoutingPlan:
+    """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
+    compact the kept tokens.
+
+    z: [B, N, D] normalized hidden states (the input of attention); router_weight: [1, D] or [D];
+    attention_mask: [B, N], nonzero = real token (padding is never kept and is excluded from the
+    sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
+    """
+    check.tensor("z", z, ndim=3, dtypes=check.FLOAT_DTYPES)
+    check.tensor("router_weight", router_weight, ndim=(1, 2), dtypes=check.FLOAT_DTYPES)
+    if router_weight.numel() != z.shape[-1] or (router_weight.dim() == 2 and router_weight.shape[0] != 1):
+        raise ValueError(f"router_weight must have shape [1, {z.shape[-1]}] or [{z.shape[-1]}] "
+                         f"(hidden size of z), got {tuple(router_weight.shape)}")
+    threshold = check.threshold(threshold)
+    granularity = check.granularity(granularity)
+    device = check.same_device(z=z, router_weight=router_weight, attention_mask=attention_mask,
+                               position_ids=position_ids)
+    batch, seq_len, _ = z.shape
+    mask = _padding_mask(attention_mask, batch, seq_len, device)
+    positions = _position_ids(position_ids, batch, seq_len, device)
+
+    scores, keep = resolve(backend, "router", device, z.dtype).router(z, router_weight, mask, threshold,
+                                                                       granularity)
+    indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
+    if device.type == "cpu":  # no device to wait for: the exact bound keeps padded work small
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch else 0
+    else:
+        max_seqlen = seq_len
+    return RoutingPlan(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
+
+
+def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
+    check.tensor(name, x, ndim=3, dtypes=check.FLOAT_DTYPES)
+    if tuple(x.shape[:2]) != tuple(plan.keep.shape):
+        raise ValueError(f"{name} must have shape [B, N, D] with [B, N] = {tuple(plan.keep.shape)} "
+                         f"(the routed batch), got {tuple(x.shape)}")
+    check.same_device(**{name: x, "plan.indices": plan.indices})
+
+
+def gather(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
+    """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`."""
+    _check_rows("x", x, plan)
+    op = resolve(backend, "gather", x.device, x.dtype)
+    return op.gather(x.reshape(-1, x.shape[-1]), plan.indices)
+
+
+def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
+                scale: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """A copy of `residual` [B, N, D] with `scale * values` [T, D] added to the kept rows.
+
+    Skipped rows are bit-identical to `residual`. `scale` [T] (e.g. the straight-through gate) or None.
+    """
+    _check_rows("residual", residual, plan)
+    check.tensor("values", values, ndim=2)
+    check.shape_match("values", values, (plan.num_kept, residual.shape[-1]), "[T kept tokens, D]")
+    if values.dtype != residual.dtype:
+        raise TypeError(f"values must have the dtype of residual ({residual.dtype}), got {values.dtype}")
+    if scale is not None:
+        check.tensor("scale", scale, ndim=1, dtypes=check.FLOAT_DTYPES)
+        check.shape_match("scale", scale, (plan.num_kept,), "one gate per kept token")
+    check.same_device(residual=residual, values=values, scale=scale)
+    op = resolve(backend, "scatter_add", residual.device, residual.dtype)
+    out = op.scatter_add(residual.reshape(-1, residual.shape[-1]), values, plan.indices, scale)
+    return out.view_as(residual)
