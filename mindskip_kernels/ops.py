@@ -40,3 +40,30 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     op = resolve(backend, "varlen_attention", q.device, q.dtype)
     return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     *, softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """One new query token per sequence against that sequence's KV cache of ragged length.
+
+    q [B, Hq, Dh]; k_cache/v_cache [B, S, Hkv, Dh] with sequence b's keys in rows 0..cache_seqlens[b]-1
+    (the query's own key already appended); cache_seqlens [B] int32/int64. A sequence of length 0 gets
+    zeros. Returns [B, Hq, Dh].
+    """
+    check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
+    check.tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,))
+    check.tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,))
+    check.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=check.INDEX_DTYPES)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    batch, hq, dh = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != dh:
+        raise ValueError(f"k_cache must have shape [{batch}, S, Hkv, {dh}] to match q, got {tuple(k_cache.shape)}")
+    if hq % k_cache.shape[2]:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of cache heads ({k_cache.shape[2]})")
+    check.shape_match("cache_seqlens", cache_seqlens, (batch,), "one length per sequence")
+    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
+    op = resolve(backend, "decode_attention", q.device, q.dtype)
+    return op.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "reference"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention")
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -98,3 +98,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                          enable_gqa=q.shape[1] != k.shape[1])
     out = out * has_key
     return out.transpose(1, 2)[seq_q, off_q].to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """One query per sequence against its cached keys 0..cache_seqlens[b]-1; length 0 gives zeros.
+    q [B, Hq, Dh], caches [B, S, Hkv, Dh]; returns [B, Hq, Dh]."""
+    ct = compute_dtype(q.dtype)
+    group = q.shape[1] // k_cache.shape[2]
+    k = k_cache.to(ct).repeat_interleave(group, dim=2)  # [B, S, Hq, Dh]
+    v = v_cache.to(ct).repeat_interleave(group, dim=2)
+    logits = torch.einsum("bhd,bshd->bhs", q.to(ct), k) * softmax_scale
+    valid = torch.arange(k.shape[1], device=q.device) < cache_seqlens.long().unsqueeze(1)  # [B, S]
+    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    return torch.einsum("bhs,bshd->bhd", probs, v).to(q.dtype)

@@ -1,0 +1,157 @@
+"""Every op of every backend against the fp64 reference: fresh random data, awkward sizes, edge cases.
+
+Backends are parametrized (tests/harness.py); the reference backend runs too, so the comparison machinery
+itself is exercised. Outputs of kernel backends are poisoned (conftest), so unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mindskip_kernels as mk
+from tests.harness import assert_within_rule, backend_params, random_keep
+
+BACKENDS = backend_params("cpu")
+LOW = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64)]  # (B, N, D): N = 1, 97, 1025; D not a power of two
+PATTERNS = ["random", "all", "none", "empty_seq"]
+
+
+def _plan(keep: torch.Tensor, scores_like: torch.Tensor | None = None) -> mk.RoutingPlan:
+    """A plan for given keep flags, built by the reference so kernels are compared on identical routing."""
+    z = torch.randn(*keep.shape, 4, dtype=torch.float64)
+    w = torch.zeros(4, dtype=torch.float64)
+    return mk.route(z, w, threshold=0.5, attention_mask=keep.long(), backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_router_scores(backend, dtype, shape, granularity):
+    b, n, d = shape
+    z = torch.randn(b, n, d).to(dtype)
+    w = torch.randn(d).to(dtype) / d**0.5
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[-1, : n // 3] = 0  # left padding in the last sequence
+    plan = mk.route(z, w, granularity=granularity, attention_mask=mask, backend=backend)
+    low = mk.route(z, w, granularity=granularity, attention_mask=mask, backend="reference")
+    truth = mk.route(z.double(), w.double(), granularity=granularity, attention_mask=mask, backend="reference")
+    real = mask.bool()
+    assert plan.scores.dtype == torch.float32
+    assert_within_rule(plan.scores[real], low.scores[real], truth.scores[real].double(), "scores")
+    clear = (truth.scores - 0.5).abs() > 1e-3  # decisions at the threshold may flip by rounding
+    assert torch.equal(plan.keep[clear], truth.keep[clear])
+    assert not plan.keep[~real].any(), "padding must never be kept"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_compaction_exact(backend, shape, pattern):
+    b, n, _ = shape
+    keep = random_keep(b, n, pattern)
+    positions = torch.randint(0, 10 * n, (b, n))
+    z = torch.randn(b, n, 4)
+    w = torch.full((4,), 0.0)
+    # threshold 0 keeps every real token, so the mask alone decides: an exact test of compaction
+    plan = mk.route(z, w, threshold=0.0, attention_mask=keep.long(), position_ids=positions, backend=backend)
+    flat = keep.reshape(-1)
+    expect_idx = torch.arange(b * n)[flat]
+    assert torch.equal(plan.keep, keep)
+    assert torch.equal(plan.indices, expect_idx)
+    assert plan.indices.dtype == torch.int64
+    assert plan.cu_seqlens.dtype == torch.int32
+    assert plan.cu_seqlens.tolist() == [0] + keep.sum(1).cumsum(0).tolist()
+    assert torch.equal(plan.positions, positions.reshape(-1)[flat])
+    assert plan.max_seqlen >= int(keep.sum(1).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gather_scatter_exact(backend, dtype, shape, pattern):
+    b, n, d = shape
+    plan = _plan(random_keep(b, n, pattern))
+    x = torch.randn(b, n, d).to(dtype)
+    packed = mk.gather(x, plan, backend=backend)
+    assert torch.equal(packed, x.reshape(-1, d)[plan.indices])
+
+    residual = torch.randn(b, n, d).to(dtype)
+    before = residual.clone()
+    values = torch.randn(plan.num_kept, d).to(dtype)
+    out = mk.scatter_add(residual, values, plan, backend=backend)
+    expect = before.clone().reshape(-1, d)
+    expect[plan.indices] += values
+    assert torch.equal(out, expect.view(b, n, d))
+    assert torch.equal(residual, before), "residual must not be modified"
+
+    scale = torch.rand(plan.num_kept)
+    out = mk.scatter_add(residual, values, plan, scale, backend=backend)
+    expect = before.clone().reshape(-1, d)
+    expect[plan.indices] += values * scale.to(dtype)[:, None]
+    assert torch.equal(out[~plan.keep], before[~plan.keep]), "skipped rows must be bit-identical"
+    torch.testing.assert_close(out, expect.view(b, n, d))
+
+
+def _varlen_inputs(lengths_q, lengths_k, hq, hkv, dh, dtype):
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).int()
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).int()
+    q = torch.randn(int(cu_q[-1]), hq, dh)
+    k = torch.randn(int(cu_k[-1]), hkv, dh)
+    v = torch.randn(int(cu_k[-1]), hkv, dh)
+    return q, k, v, cu_q, cu_k
+
+
+ATTN_CASES = {
+    "gqa_9_3_awkward": ([1, 97, 40], [1, 97, 40], 9, 3, 64),
+    "long_1025": ([1025], [1025], 4, 2, 64),
+    "empty_sequence": ([0, 33, 5], [0, 33, 5], 4, 4, 80),
+    "all_empty": ([0, 0], [0, 0], 2, 1, 64),
+    "decode_bottom_right": ([1, 1, 1], [0, 1, 57], 8, 2, 128),
+    "head_dim_96": ([17, 64], [17, 64], 6, 2, 96),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention(backend, dtype, case, causal):
+    lq, lk, hq, hkv, dh = ATTN_CASES[case]
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, hq, hkv, dh, dtype)
+    args = (cu_q, cu_k, max(lq), max(lk))
+    low = [t.to(dtype) for t in (q, k, v)]
+    out = mk.varlen_attention(*low, *args, causal=causal, backend=backend)
+    ref = mk.varlen_attention(*low, *args, causal=causal, backend="reference")
+    truth = mk.varlen_attention(*(t.to(dtype).double() for t in (q, k, v)), *args, causal=causal,
+                                backend="reference")
+    assert out.dtype == dtype and out.shape == (q.shape[0], hq, dh)
+    assert_within_rule(out, ref, truth, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("lengths", [[0, 1, 57, 300], [1], [0, 0]])
+@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
+def test_decode_attention(backend, dtype, lengths, heads):
+    hq, hkv = heads
+    dh, s = 64, max(lengths) + 3  # cache rows past each length hold garbage that must be ignored
+    q = torch.randn(len(lengths), hq, dh)
+    kc = torch.randn(len(lengths), s, hkv, dh)
+    vc = torch.randn(len(lengths), s, hkv, dh)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    low = [t.to(dtype) for t in (q, kc, vc)]
+    out = mk.decode_attention(*low, seqlens, backend=backend)
+    ref = mk.decode_attention(*low, seqlens, backend="reference")
+    truth = mk.decode_attention(*(t.double() for t in low), seqlens, backend="reference")
+    assert_within_rule(out, ref, truth, "decode")
+    # the same query through varlen attention (bottom-right causal) must agree
+    cu_k = torch.tensor([0] + lengths).cumsum(0).int()
+    k_packed = torch.cat([kc[b, :n] for b, n in enumerate(lengths)]).double()
+    v_packed = torch.cat([vc[b, :n] for b, n in enumerate(lengths)]).double()
+    varlen = mk.varlen_attention(q.to(dtype).double(), k_packed.to(dtype).double(), v_packed.to(dtype).double(),
+                                 torch.arange(len(lengths) + 1).int(), cu_k, 1, max(lengths), backend="reference")
+    torch.testing.assert_close(varlen, truth)
