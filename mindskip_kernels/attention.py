@@ -40,7 +40,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = varlen_attention(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                            causal=True, softmax_scale=softmax_scale, backend=backend)
-    return out.reshape(out.shape[0], -1)
+    return out.flatten(1)
 
 
 def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,

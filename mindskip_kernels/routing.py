@@ -91,10 +91,9 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     scores, keep = resolve(backend, "router", device, z.dtype).router(z, router_weight, mask, threshold,
                                                                        granularity)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
-    if device.type == "cpu":  # no device to wait for: the exact bound keeps padded work small
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch else 0
-    else:
-        max_seqlen = seq_len
+    # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
+    exact = device.type == "cpu" and batch > 0
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if exact else seq_len
     return RoutingPlan(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
 
 

@@ -1,0 +1,220 @@
+"""Hugging Face transformers integration: MindSkip routers on the decoder layers of Llama, Mistral, Qwen2 and
+Qwen3 causal LMs.
+
+`apply_mindskip` patches chosen decoder layer *instances* (two models in one process don't interfere): each
+gets a zero-initialised `router` (`nn.Linear(hidden, 1, bias=False)`, state-dict key
+`model.layers.{i}.router.weight`, the paper's naming) and a forward whose attention sub-block runs only on
+kept tokens. A forward pre-hook on the base model records the 2-D padding mask, which the decoder layers
+themselves never see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mindskip_kernels import _checks as check
+from mindskip_kernels.attention import packed_attention, routed_update
+from mindskip_kernels.routing import RoutingPlan
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+ROUTERS_FILE = "routers.safetensors"
+META_FILE = "mindskip.json"
+
+
+@dataclass
+class ModelState:
+    """Per-model state shared by its patched layers: the current batch's 2-D padding mask and how many
+    tokens its KV cache held when the forward began."""
+
+    padding_mask: torch.Tensor | None = None
+    past_length: int = 0
+
+
+@dataclass
+class LayerState:
+    """Per-layer MindSkip settings and the last forward's routing (for keep-rate losses and statistics)."""
+
+    layer_idx: int
+    threshold: float
+    granularity: str
+    backend: str
+    model_state: ModelState
+    last_plan: RoutingPlan | None = field(default=None, repr=False)
+    last_keep_rate: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", model)
+    if not hasattr(base, "layers"):
+        raise TypeError(f"model must be a transformers causal LM or base model with `.layers`, got "
+                        f"{type(model).__name__}")
+    return base
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def paper_layers(num_layers: int, n: int | None = None) -> list[int]:
+    """The paper's choice: the last n layers before the final one (default n = half the layers)."""
+    n = num_layers // 2 if n is None else n
+    if not 0 <= n <= num_layers - 1:
+        raise ValueError(f"layers must be between 0 and {num_layers - 1} (the final layer never routes), got {n}")
+    return list(range(num_layers - 1 - n, num_layers - 1))
+
+
+def _choose_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:
+    if layers is None or isinstance(layers, int):
+        return paper_layers(num_layers, layers)
+    chosen = sorted(set(int(i) for i in layers))
+    bad = [i for i in chosen if not 0 <= i < num_layers - 1]
+    if bad:
+        raise ValueError(f"layers must be indices in [0, {num_layers - 2}] (the final layer never routes), "
+                         f"got {bad}")
+    return chosen
+
+
+def mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The patched decoder layers of `model`, by layer index."""
+    return {i: layer for i, layer in enumerate(_base_model(model).layers) if hasattr(layer, "mindskip")}
+
+
+def _record_padding_mask(state: ModelState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        state.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.past_length = cache.get_seq_length() if cache is not None else 0
+
+    return hook
+
+
+def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int,
+               backend: str):
+    """attend(packed_z, plan) for a transformers attention module (q/k/v/o projections, optional q/k norms),
+    with RoPE from the model's own cos/sin at the kept tokens' original positions."""
+    head_dim = attn.head_dim
+    cos, sin = position_embeddings
+
+    def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        q, k, v = (proj(zp).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rows = [c.expand(batch, plan.seq_len, head_dim).reshape(-1, head_dim).index_select(0, plan.indices)
+                for c in (cos, sin)]
+        out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend)
+        return attn.o_proj(out)
+
+    return attend
+
+
+def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
+                            position_ids=None, cache=None, use_cache=False, position_embeddings=None,
+                            **kwargs) -> torch.Tensor:
+    """Decoder layer forward with the attention sub-block routed; the MLP runs for every token."""
+    st: LayerState = self.mindskip
+    if st.model_state.past_length > 0:
+        raise NotImplementedError(
+            "MindSkip layers do not decode with a KV cache yet: call the model with use_cache=False "
+            "(model.generate(..., use_cache=False) recomputes each step)")
+    batch, seq_len, _ = hidden_states.shape
+    window = getattr(self.self_attn, "sliding_window", None)
+    if window is not None and seq_len > window:
+        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by MindSkip "
+                                  f"layers for sequences longer than the window ({seq_len})")
+    pad = st.model_state.padding_mask
+    if pad is not None and tuple(pad.shape) != (batch, seq_len):
+        pad = None if pad.shape[0] != batch or pad.shape[1] < seq_len else pad[:, -seq_len:]
+    attend = _attend_fn(self.self_attn, position_embeddings, batch, st.backend)
+    hidden_states, plan, keep_rate = routed_update(
+        self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
+        threshold=st.threshold, granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+        training=self.training, backend=st.backend)
+    st.last_plan, st.last_keep_rate = plan, keep_rate
+    residual = hidden_states
+    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    return residual + hidden_states
+
+
+def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, threshold: float = 0.5,
+                   granularity: str = "token", backend: str = "auto") -> nn.Module:
+    """Add a zero-initialised MindSkip router to chosen decoder layers of a transformers causal LM.
+
+    layers: None = the paper's choice (the last half of the layers before the final one), an int n = the
+    last n before the final one, or a list of layer indices. Returns the same model, patched in place.
+    """
+    model_type = _model_type(model)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
+    threshold = check.threshold(threshold)
+    granularity = check.granularity(granularity)
+    base = _base_model(model)
+    chosen = _choose_layers(len(base.layers), layers)
+    if not hasattr(base, "_mindskip_state"):
+        base._mindskip_state = ModelState()
+        base.register_forward_pre_hook(_record_padding_mask(base._mindskip_state), with_kwargs=True)
+    for i in chosen:
+        layer = base.layers[i]
+        if not hasattr(layer, "router"):
+            ref = layer.input_layernorm.weight
+            layer.router = nn.Linear(ref.shape[0], 1, bias=False, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(layer.router.weight)
+        layer.mindskip = LayerState(i, threshold, granularity, backend, base._mindskip_state)
+        layer.forward = types.MethodType(_mindskip_layer_forward, layer)
+    return model
+
+
+def keep_rates(model: nn.Module) -> dict[int, float]:
+    """Fraction of real tokens whose attention ran in each routed layer, in the last forward."""
+    return {i: float(layer.mindskip.last_keep_rate) for i, layer in mindskip_layers(model).items()
+            if layer.mindskip.last_keep_rate is not None}
+
+
+def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
+    (layers, threshold, granularity) into directory `path`."""
+    from safetensors.torch import save_file
+
+    layers = mindskip_layers(model)
+    if not layers:
+        raise ValueError("model has no MindSkip routers: call apply_mindskip(model) first")
+    os.makedirs(path, exist_ok=True)
+    tensors = {f"model.layers.{i}.router.weight": layer.router.weight.detach().cpu().contiguous()
+               for i, layer in layers.items()}
+    save_file(tensors, os.path.join(path, ROUTERS_FILE))
+    first = next(iter(layers.values())).mindskip
+    meta = {"layers": sorted(layers), "threshold": first.threshold, "granularity": first.granularity,
+            "model_type": _model_type(model), "hidden_size": next(iter(tensors.values())).shape[1]}
+    with open(os.path.join(path, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_routers(model: nn.Module, path: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """Load routers saved by `save_routers` (a directory), patching the model first if needed."""
+    from safetensors.torch import load_file
+
+    weights_file, meta_file = os.path.join(path, ROUTERS_FILE), os.path.join(path, META_FILE)
+    for f in (weights_file, meta_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"path must be a directory written by save_routers; missing {f}")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    extra = sorted(set(mindskip_layers(model)) - set(meta["layers"]))
+    if extra:
+        raise ValueError(f"model already routes layers {extra}, which {meta_file} does not list")
+    apply_mindskip(model, layers=meta["layers"], threshold=meta["threshold"], granularity=meta["granularity"],
+                   backend=backend)
+    layers = mindskip_layers(model)
+    for key, weight in load_file(weights_file).items():
+        idx = int(key.split(".")[2])
+        if idx not in layers or layers[idx].router.weight.shape != weight.shape:
+            raise ValueError(f"{weights_file}: {key} with shape {tuple(weight.shape)} does not match the model")
+        with torch.no_grad():
+            layers[idx].router.weight.copy_(weight)
+    return model

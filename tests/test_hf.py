@@ -1,0 +1,208 @@
+"""apply_mindskip on real (tiny, randomly initialised) transformers models against independent computations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import mindskip_kernels as mk
+from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers
+
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
+def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                        attn_implementation="sdpa", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def randomize_routers(model, std: float = 2.0) -> None:
+    with torch.no_grad():
+        for layer in mindskip_layers(model).values():
+            layer.router.weight.normal_(0.0, std / layer.router.weight.shape[1] ** 0.5)
+
+
+def recompute_one(dense, routed: dict[int, torch.Tensor], ids: torch.Tensor, threshold: float, granularity: str):
+    """Independent MindSkip forward of ONE unpadded sequence with the dense model's own modules: for each
+    routed layer, the HF attention module runs on the kept tokens only (its own causal SDPA) with RoPE at
+    their original positions; skipped tokens pass through; the MLP runs for all."""
+    base = dense.model
+    h = base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    for i, layer in enumerate(base.layers):
+        if i not in routed:
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=base.rotary_emb(h, pos))
+            continue
+        z = layer.input_layernorm(h)
+        logits = z[0] @ routed[i][0]
+        score = torch.sigmoid(logits) if granularity == "token" else torch.sigmoid(z[0].mean(0) @ routed[i][0])
+        kept = torch.nonzero((score >= threshold).expand(ids.shape[1])).squeeze(1)
+        h = h.clone()
+        if kept.numel():
+            zk = z[:, kept]
+            attn_out, _ = layer.self_attn(zk, position_embeddings=base.rotary_emb(zk, kept.unsqueeze(0)),
+                                          attention_mask=None)
+            h[:, kept] = h[:, kept] + attn_out
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return dense.lm_head(base.norm(h))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_threshold_zero_is_dense(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        dense = model(ids).logits
+        mk.apply_mindskip(model, threshold=0.0, backend="reference")
+        out = model(ids).logits
+    assert set(mindskip_layers(model)) == {1, 2}, "paper choice for 4 layers: the 2 before the final one"
+    assert keep_rates(model) == {1: 1.0, 2: 1.0}
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_skip_everything_removes_attention(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 97, (2, 13))
+    removed = copy.deepcopy(model)
+    for i in (1, 2):  # the same model with those attention sub-layers removed
+        removed.model.layers[i].self_attn.forward = lambda hidden_states, **kw: (torch.zeros_like(hidden_states),
+                                                                                 None)
+    with torch.no_grad():
+        mk.apply_mindskip(model, threshold=1.0)  # zero routers score 0.5 < 1: nothing kept
+        out = model(ids).logits
+        expect = removed(ids).logits
+    assert keep_rates(model) == {1: 0.0, 2: 0.0}
+    torch.testing.assert_close(out, expect, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_mixed_routing_matches_independent_recompute(arch, granularity):
+    model = tiny_model(arch)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (4, 17))
+    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity)
+    randomize_routers(model)
+    routed = {i: layer.router.weight.detach() for i, layer in mindskip_layers(model).items()}
+    with torch.no_grad():
+        out = model(ids).logits
+        rates = keep_rates(model)
+        for b in range(ids.shape[0]):
+            expect = recompute_one(dense, routed, ids[b : b + 1], 0.5, granularity)
+            torch.testing.assert_close(out[b : b + 1], expect, atol=2e-5, rtol=1e-5)
+    assert any(0.0 < r < 1.0 for r in rates.values()), f"routing should be mixed, got {rates}"
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_padding_left_and_right_matches_alone(granularity):
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, granularity=granularity)
+    randomize_routers(model)
+    lengths, n = [11, 7, 4], 11
+    seqs = [torch.randint(0, 97, (length,)) for length in lengths]
+    for side in ("left", "right"):
+        ids = torch.zeros(len(seqs), n, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(seqs):
+            sl = slice(n - len(s), n) if side == "left" else slice(0, len(s))
+            ids[b, sl], mask[b, sl] = s, 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            batched = model(ids, attention_mask=mask, position_ids=pos).logits
+            for b, s in enumerate(seqs):
+                alone = model(s.unsqueeze(0)).logits[0]
+                torch.testing.assert_close(batched[b][mask[b].bool()], alone, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_router_gets_straight_through_gradient(granularity):
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, granularity=granularity)
+    randomize_routers(model, std=0.5)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".router." in name)
+    model.train()
+    ids = torch.randint(0, 97, (3, 15))
+    out = model(ids, labels=ids)
+    layers = mindskip_layers(model)
+    sparsity = sum(layer.mindskip.last_keep_rate for layer in layers.values())
+    (out.loss + 0.01 * sparsity).backward()
+    for i, layer in layers.items():
+        g = layer.router.weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, f"layer {i} router gradient {g}"
+    frozen = [n for n, p in model.named_parameters() if ".router." not in n]
+    assert all(model.get_parameter(n).grad is None for n in frozen)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model("qwen2")
+    mk.apply_mindskip(model, layers=2, threshold=0.4, granularity="sequence")
+    randomize_routers(model)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expect = model(ids).logits
+    mk.save_routers(model, tmp_path / "routers")
+    fresh = tiny_model("qwen2")
+    mk.load_routers(fresh, tmp_path / "routers")
+    layers = mindskip_layers(fresh)
+    assert set(layers) == {1, 2}
+    assert layers[1].mindskip.threshold == 0.4 and layers[1].mindskip.granularity == "sequence"
+    assert "model.layers.1.router.weight" in fresh.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, expect)
+
+
+def test_two_models_in_one_process_do_not_interfere():
+    a, b, plain = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        dense = plain(ids).logits
+        mk.apply_mindskip(a, threshold=0.0)
+        mk.apply_mindskip(b, threshold=1.0)
+        out_a, out_b, out_plain = a(ids).logits, b(ids).logits, plain(ids).logits
+    torch.testing.assert_close(out_a, dense, atol=2e-5, rtol=1e-5)
+    assert (out_b - dense).abs().max() > 1e-3, "model b skips attention, its logits must differ"
+    assert torch.equal(out_plain, dense), "an unpatched model of the same class must be untouched"
+    assert not mindskip_layers(plain)
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="threshold"):
+        mk.apply_mindskip(model, threshold=1.5)
+    with pytest.raises(ValueError, match="granularity"):
+        mk.apply_mindskip(model, granularity="layer")
+    with pytest.raises(ValueError, match="final layer"):
+        mk.apply_mindskip(model, layers=[3])
+    with pytest.raises(ValueError, match="layers"):
+        mk.apply_mindskip(model, layers=7)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model must be one of"):
+        mk.apply_mindskip(gpt2)
+    with pytest.raises(ValueError, match="no MindSkip routers"):
+        mk.save_routers(model, "/tmp/never-written")
+
+
+def test_cached_decode_refused_clearly():
+    model = tiny_model("llama")
+    mk.apply_mindskip(model)
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        greedy = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert greedy.shape == (1, 9)
