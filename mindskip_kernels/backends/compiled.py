@@ -1,4 +1,10 @@
-"""Backend over the compiled extension `mindskip_kernels._C` (ops registered as torch.ops.mindskip.*)."""
+"""Backend over the compiled extension `mindskip_kernels._C` (ops registered as torch.ops.mindskip.*).
+
+The C++/CUDA ops write into outputs passed in (`Tensor(a!) out` schemas): the wrappers here allocate them
+with `_alloc.empty`, so tests can poison them, and fake implementations registered on load let the ops
+run under torch.compile. Every op checks its arguments in C++ too (ValueError/TypeError naming the
+argument), so calling torch.ops.mindskip.* directly is safe.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import functools
 from types import ModuleType
 
 import torch
+
+from mindskip_kernels.backends._alloc import empty
 
 NAME = "compiled"
 
@@ -15,6 +23,23 @@ NOT_BUILT = (
     "The 'reference' and 'triton' backends work without it."
 )
 
+# backend op -> the registered op whose kernel decides support (compact also runs compact_counts)
+KERNELS = {
+    "router": "router",
+    "compact": "compact",
+    "gather": "gather",
+    "scatter_add": "scatter_add",
+    "decode_attention": "decode_attention",
+    "varlen_attention": "varlen_attention",
+}
+ALL_OPS = ("router", "compact_counts", "compact", "gather", "scatter_add", "decode_attention", "varlen_attention")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPE_FREE = ("compact", "gather")  # index work and byte copies: any dtype
+
+
+def _no_output(*args: object) -> None:
+    """Fake (meta) implementation: every op only writes its out arguments, whose shapes the caller chose."""
+
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
@@ -22,6 +47,8 @@ def _load() -> tuple[ModuleType | None, str]:
         from mindskip_kernels import _C
     except ImportError as err:  # not built, or built against another torch
         return None, str(err)
+    for op in ALL_OPS:
+        torch.library.register_fake(f"mindskip::{op}", _no_output)
     return _C, ""
 
 
@@ -46,8 +73,65 @@ def build_info() -> dict:
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """True when the op is registered for this device type (CPU always when built, CUDA when built with it)."""
-    if not available() or not hasattr(torch.ops.mindskip, op):
+    """True when `op` has a kernel registered for this device type (CPU always when built, CUDA when built
+    with it) and the kernel handles `dtype` (fp16/bf16/fp32/fp64; compaction and gather take any)."""
+    if op not in KERNELS or not available():
         return False
-    key = "CPU" if device.type == "cpu" else "CUDA" if device.type == "cuda" else None
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{op}", key)
+    if op not in DTYPE_FREE and dtype not in FLOAT_DTYPES:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{KERNELS[op]}", key)
+
+
+def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
+           granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused score + decision: scores [B,N] float32, keep [B,N] bool (one pass over z)."""
+    scores = empty(mask.shape, torch.float32, z.device)
+    keep = empty(mask.shape, torch.bool, z.device)
+    torch.ops.mindskip.router(z, weight, mask, threshold, granularity == "sequence", scores, keep)
+    return scores, keep
+
+
+def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices [T], cu_seqlens [B+1] int32, positions [T] int64 without nonzero().
+
+    T is the output shape, so it is read from cu_seqlens[-1]: free on the CPU, one device-to-host sync on
+    CUDA (the only one of the routing pipeline; everything else stays on the device).
+    """
+    cu_seqlens = empty((keep.shape[0] + 1,), torch.int32, keep.device)
+    torch.ops.mindskip.compact_counts(keep, cu_seqlens)
+    total = int(cu_seqlens[-1])
+    indices = empty((total,), torch.int64, keep.device)
+    positions = empty((total,), torch.int64, keep.device)
+    torch.ops.mindskip.compact(keep, position_ids, cu_seqlens, indices, positions)
+    return indices, cu_seqlens, positions
+
+
+def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    out = empty((indices.shape[0], x2d.shape[1]), x2d.dtype, x2d.device)
+    torch.ops.mindskip.gather(x2d, indices, out)
+    return out
+
+
+def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                scale: torch.Tensor | None) -> torch.Tensor:
+    """A new tensor: residual rows copied, kept rows + scale * values (rounded like the reference)."""
+    out = empty(residual2d.shape, residual2d.dtype, residual2d.device)
+    torch.ops.mindskip.scatter_add(residual2d, values, indices, scale, out)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    out = empty(q.shape, q.dtype, q.device)
+    torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, out)
+    return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     softmax_scale: float) -> torch.Tensor:
+    """CPU only. The kernel reads the sequence lengths from cu_seqlens; the max_seqlen bounds are unused."""
+    out = empty(q.shape, q.dtype, q.device)
+    torch.ops.mindskip.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, out)
+    return out

@@ -1,0 +1,142 @@
+// CPU attention kernels: decode (one query per sequence against a ragged KV cache) and varlen (packed
+// sequences, optionally causal, aligned bottom-right). Both reduce to one routine: a group of query heads
+// sharing one KV head (GQA) attends to n consecutive key rows, fp32 (fp64) accumulation.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../mindskip.h"
+#include "cpu_utils.h"
+
+namespace mindskip::cpu {
+namespace {
+
+// Rows of keys/values for one KV head: row s starts at base + s * row_stride.
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t row_stride;
+};
+
+// Query heads q[j * dh ...] (j < group) attend to keys/values 0..n-1; writes out[j * dh ...]. n == 0 gives
+// zeros. `buf` is per-thread scratch.
+template <typename T, typename acc_t>
+void attend(const T* q, int64_t group, Rows<T> k, Rows<T> v, int64_t n, int64_t dh, acc_t scale, T* out,
+            std::vector<acc_t>& buf) {
+  if (n == 0) {
+    std::fill(out, out + group * dh, T(0));
+    return;
+  }
+  buf.assign(group * (2 * dh + n), acc_t(0));
+  acc_t* qf = buf.data();          // [group, dh] queries in acc_t
+  acc_t* acc = qf + group * dh;    // [group, dh] weighted sum of values
+  acc_t* prob = acc + group * dh;  // [group, n] logits, then probabilities
+  for (int64_t i = 0; i < group * dh; ++i) qf[i] = static_cast<acc_t>(q[i]);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* krow = k.base + s * k.row_stride;
+    for (int64_t j = 0; j < group; ++j) prob[j * n + s] = dot(krow, qf + j * dh, dh) * scale;
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    acc_t* p = prob + j * n;
+    const acc_t mx = *std::max_element(p, p + n);
+    acc_t sum = 0;
+    for (int64_t s = 0; s < n; ++s) sum += (p[s] = std::exp(p[s] - mx));
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t s = 0; s < n; ++s) p[s] *= inv;
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const T* vrow = v.base + s * v.row_stride;
+    for (int64_t j = 0; j < group; ++j) {
+      const acc_t p = prob[j * n + s];
+      acc_t* a = acc + j * dh;
+      for (int64_t d = 0; d < dh; ++d) a[d] += p * static_cast<acc_t>(vrow[d]);
+    }
+  }
+  for (int64_t i = 0; i < group * dh; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
+                      double softmax_scale, Tensor& out) {
+  check_decode_attention(q, k_cache, v_cache, cache_seqlens, out);
+  const Tensor qc = q.contiguous();
+  const Tensor lens = cache_seqlens.to(at::kLong).contiguous();
+  const int64_t batch = q.size(0), hq = q.size(1), dh = q.size(2), cap = k_cache.size(1), hkv = k_cache.size(2);
+  const int64_t group = hq / hkv;
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mindskip_decode_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = qc.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, batch * hkv, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<acc_t> buf;
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / hkv, h = w % hkv;
+        const int64_t n = std::clamp<int64_t>(lp[b], 0, cap);  // rows past the capacity do not exist
+        const Rows<scalar_t> k{kp + b * k_cache.stride(0) + h * k_cache.stride(2), k_cache.stride(1)};
+        const Rows<scalar_t> v{vp + b * v_cache.stride(0) + h * v_cache.stride(2), v_cache.stride(1)};
+        const int64_t head = (b * hq + h * group) * dh;
+        attend(qp + head, group, k, v, n, dh, static_cast<acc_t>(softmax_scale), op + head, buf);
+      }
+    });
+  });
+}
+
+// cu_seqlens as int64 on the CPU, checked: non-decreasing from 0, ending at `rows` (at most `rows` unless exact).
+Tensor checked_offsets(const Tensor& cu, const char* name, int64_t rows, bool exact) {
+  Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  const int64_t n = c.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(i == 0 ? p[0] == 0 : p[i] >= p[i - 1], "mindskip.varlen_attention: ", name,
+                      " must be non-decreasing from 0, got ", name, "[", i, "] = ", p[i]);
+  }
+  TORCH_CHECK_VALUE(exact ? p[n - 1] == rows : p[n - 1] <= rows, "mindskip.varlen_attention: ", name,
+                    " must end at ", exact ? "" : "most ", rows, " (rows of the packed tensor), got ", p[n - 1]);
+  return c;
+}
+
+void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                      const Tensor& cu_seqlens_k, bool causal, double softmax_scale, Tensor& out) {
+  check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out);
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const int64_t tq = q.size(0), hq = q.size(1), dh = q.size(2), hkv = k.size(1), group = hq / hkv;
+  const Tensor cuq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", tq, true);
+  const Tensor cuk = checked_offsets(cu_seqlens_k, "cu_seqlens_k", k.size(0), false);
+  const int64_t* cq = cuq.const_data_ptr<int64_t>();
+  const int64_t* ck = cuk.const_data_ptr<int64_t>();
+  std::vector<int64_t> seq_of(tq);  // sequence of each packed query row
+  for (int64_t b = 0; b + 1 < cuq.numel(); ++b) std::fill(seq_of.begin() + cq[b], seq_of.begin() + cq[b + 1], b);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mindskip_varlen_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = qc.const_data_ptr<scalar_t>();
+    const scalar_t* kp = kc.const_data_ptr<scalar_t>();
+    const scalar_t* vp = vc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, tq * hkv, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<acc_t> buf;
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t t = w / hkv, h = w % hkv, b = seq_of[t];
+        const int64_t len_q = cq[b + 1] - cq[b], len_k = ck[b + 1] - ck[b], i = t - cq[b];
+        const int64_t n = causal ? std::clamp<int64_t>(i + len_k - len_q + 1, 0, len_k) : len_k;
+        const Rows<scalar_t> kr{kp + ck[b] * hkv * dh + h * dh, hkv * dh};
+        const Rows<scalar_t> vr{vp + ck[b] * hkv * dh + h * dh, hkv * dh};
+        const int64_t head = (t * hq + h * group) * dh;
+        attend(qp + head, group, kr, vr, n, dh, static_cast<acc_t>(softmax_scale), op + head, buf);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace mindskip::cpu
+
+TORCH_LIBRARY_IMPL(mindskip, CPU, m) {
+  m.impl("decode_attention", &mindskip::cpu::decode_attention);
+  m.impl("varlen_attention", &mindskip::cpu::varlen_attention);
+}
