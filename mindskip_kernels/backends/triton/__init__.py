@@ -1,0 +1,78 @@
+"""Triton backend: fused router, compaction, gather(+norm), scatter-add, varlen flash attention (forward and
+backward) and split-KV decode attention.
+
+Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+Router, gather, scatter-add and varlen attention are differentiable (custom ops + autograd.Function in
+`ops`); compaction, decode attention, `router_from_hidden` and `gather_norm` are inference paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+
+from mindskip_kernels.backends.triton import ops
+from mindskip_kernels.backends.triton._common import INTERPRET
+
+NAME = "triton"
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def available() -> bool:
+    """Triton imported (it did, or this module would not) and there is a GPU or the interpreter."""
+    return INTERPRET or torch.cuda.is_available()
+
+
+def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA tensors (CPU ones under the interpreter) of fp16/bf16/fp32; compaction takes any dtype."""
+    on_device = device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+    return op in OPS and on_device and (op == "compact" or dtype in DTYPES)
+
+
+def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
+           granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [B, N] float32 = sigmoid(z . w) (sequence: of the real tokens' mean) and keep flags [B, N]."""
+    return ops.Router.apply(z, weight, mask, threshold, granularity == "sequence")
+
+
+def router_from_hidden(x: torch.Tensor, gamma: torch.Tensor, eps: float, weight: torch.Tensor, mask: torch.Tensor,
+                       threshold: float, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`router` on RMSNorm(x) with weight `gamma`, without writing the normalized rows:
+    score = sigmoid(rstd * sum x * gamma * w). Not differentiable (inference)."""
+    return ops.router_op(x, weight, gamma, eps, mask, threshold, granularity == "sequence")
+
+
+def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices [T] int64, cu_seqlens [B+1] int32, positions [T] int64 (one host sync for T)."""
+    return ops.compact_op(keep, position_ids)
+
+
+def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows x2d[indices] -> [T, D]."""
+    return ops.Gather.apply(x2d, indices)
+
+
+def gather_norm(x2d: torch.Tensor, gamma: torch.Tensor, eps: float, indices: torch.Tensor) -> torch.Tensor:
+    """RMSNorm(x2d[indices]) with weight gamma -> [T, D] (fp32 math, one rounding). Not differentiable."""
+    return ops.gather_norm_op(x2d, gamma, eps, indices)
+
+
+def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                scale: torch.Tensor | None) -> torch.Tensor:
+    """A copy of residual2d with values * scale added to rows `indices` (skipped rows bit-identical)."""
+    return ops.ScatterAdd.apply(residual2d, values, indices, scale)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     softmax_scale: float) -> torch.Tensor:
+    """Flash attention over packed sequences (bottom-right causal, GQA) -> [Tq, Hq, Dh]."""
+    return ops.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     softmax_scale: float) -> torch.Tensor:
+    """One query per sequence against its cache rows 0..cache_seqlens[b]-1 -> [B, Hq, Dh]."""
+    return ops.decode_op(q, k_cache, v_cache, cache_seqlens, softmax_scale)
