@@ -20,6 +20,7 @@ from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels.attention import packed_attention, routed_update
+from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.routing import RoutingPlan
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,11 +30,9 @@ META_FILE = "mindskip.json"
 
 @dataclass
 class ModelState:
-    """Per-model state shared by its patched layers: the current batch's 2-D padding mask and how many
-    tokens its KV cache held when the forward began."""
+    """Per-model state shared by its patched layers: the current batch's 2-D padding mask."""
 
     padding_mask: torch.Tensor | None = None
-    past_length: int = 0
 
 
 @dataclass
@@ -85,20 +84,50 @@ def mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
     return {i: layer for i, layer in enumerate(_base_model(model).layers) if hasattr(layer, "mindskip")}
 
 
-def _record_padding_mask(state: ModelState):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def new_cache(model: nn.Module, block_size: int | None = None) -> MindSkipCache:
+    """An empty MindSkipCache for a patched model (what generate and use_cache=True create)."""
+    base = _base_model(model)
+    kwargs = {} if block_size is None else {"block_size": block_size}
+    return MindSkipCache(base.config, sorted(mindskip_layers(base)), **kwargs)
+
+
+def _base_forward_pre_hook(state: ModelState):
+    """Record the 2-D padding mask; in inference with use_cache, start a MindSkipCache instead of the
+    DynamicCache transformers would create."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         state.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        state.past_length = cache.get_seq_length() if cache is not None else 0
+        use_cache = kwargs.get("use_cache")
+        use_cache = module.config.use_cache if use_cache is None else use_cache
+        if use_cache and not module.training and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+            kwargs.pop("past_key_values", None)
+            kwargs["cache"] = new_cache(module)
+        return args, kwargs
 
     return hook
 
 
+def _prepare_cache_for_generation(model: nn.Module, original):
+    """generate(): refuse beam search, and use a MindSkipCache where transformers would use a DynamicCache."""
+
+    def prepare(generation_config, model_kwargs: dict, *args, **kwargs):
+        if generation_config.num_beams > 1:
+            raise NotImplementedError("beam search is not supported on MindSkip models (its cache holds ragged "
+                                      "per-sequence K/V): use greedy decoding or sampling")
+        if (generation_config.use_cache is not False and model_kwargs.get("cache") is None
+                and generation_config.cache_implementation in (None, "dynamic")):
+            model_kwargs["cache"] = new_cache(model)
+            return None
+        return original(generation_config, model_kwargs, *args, **kwargs)
+
+    return prepare
+
+
 def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int,
-               backend: str):
+               backend: str, cache: RoutedKVLayer | None):
     """attend(packed_z, plan) for a transformers attention module (q/k/v/o projections, optional q/k norms),
-    with RoPE from the model's own cos/sin at the kept tokens' original positions."""
+    with RoPE from the model's own cos/sin at the kept tokens' original positions, and the layer's cache."""
     head_dim = attn.head_dim
     cos, sin = position_embeddings
 
@@ -108,7 +137,8 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
             q, k = attn.q_norm(q), attn.k_norm(k)
         rows = [c.expand(batch, plan.seq_len, head_dim).reshape(-1, head_dim).index_select(0, plan.indices)
                 for c in (cos, sin)]
-        out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend)
+        out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend,
+                               cache)
         return attn.o_proj(out)
 
     return attend
@@ -117,12 +147,18 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
 def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                             position_ids=None, cache=None, use_cache=False, position_embeddings=None,
                             **kwargs) -> torch.Tensor:
-    """Decoder layer forward with the attention sub-block routed; the MLP runs for every token."""
+    """Decoder layer forward with the attention sub-block routed; the MLP runs for every token.
+
+    With a MindSkipCache (inference), kept tokens' K/V are appended to the layer's paged cache and attend
+    over their sequence's cached kept tokens; for sequence granularity the prefill decision is reused for
+    every later step. In training the cache is not used (gradients flow through freshly computed K/V)."""
     st: LayerState = self.mindskip
-    if st.model_state.past_length > 0:
-        raise NotImplementedError(
-            "MindSkip layers do not decode with a KV cache yet: call the model with use_cache=False "
-            "(model.generate(..., use_cache=False) recomputes each step)")
+    layer_cache = None
+    if cache is not None and not self.training:
+        if not isinstance(cache, MindSkipCache):
+            raise TypeError(f"cache must be a MindSkipCache for models patched by apply_mindskip (generate and "
+                            f"use_cache=True create one), got {type(cache).__name__}")
+        layer_cache = cache.routed_layer(st.layer_idx)
     batch, seq_len, _ = hidden_states.shape
     window = getattr(self.self_attn, "sliding_window", None)
     if window is not None and seq_len > window:
@@ -131,11 +167,22 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     pad = st.model_state.padding_mask
     if pad is not None and tuple(pad.shape) != (batch, seq_len):
         pad = None if pad.shape[0] != batch or pad.shape[1] < seq_len else pad[:, -seq_len:]
-    attend = _attend_fn(self.self_attn, position_embeddings, batch, st.backend)
+    threshold, route_mask = st.threshold, pad
+    decided = layer_cache.decision if layer_cache is not None else None
+    if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
+        real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
+        threshold, route_mask = 0.0, real & decided.unsqueeze(1)
+    attend = _attend_fn(self.self_attn, position_embeddings, batch, st.backend, layer_cache)
     hidden_states, plan, keep_rate = routed_update(
         self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
-        threshold=st.threshold, granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+        threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
         training=self.training, backend=st.backend)
+    if layer_cache is not None:
+        layer_cache.seen += seq_len
+        if st.granularity == "sequence" and decided is None:
+            layer_cache.decision = plan.keep.any(1)
+    if decided is not None:
+        keep_rate = plan.keep.sum() / real.sum().clamp_min(1)
     st.last_plan, st.last_keep_rate = plan, keep_rate
     residual = hidden_states
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -158,7 +205,10 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     chosen = _choose_layers(len(base.layers), layers)
     if not hasattr(base, "_mindskip_state"):
         base._mindskip_state = ModelState()
-        base.register_forward_pre_hook(_record_padding_mask(base._mindskip_state), with_kwargs=True)
+        base.register_forward_pre_hook(_base_forward_pre_hook(base._mindskip_state), with_kwargs=True)
+        if hasattr(model, "_prepare_cache_for_generation"):
+            model._prepare_cache_for_generation = _prepare_cache_for_generation(model,
+                                                                                model._prepare_cache_for_generation)
     for i in chosen:
         layer = base.layers[i]
         if not hasattr(layer, "router"):

@@ -1,0 +1,152 @@
+"""Generation with MindSkipCache: cached decoding must equal full recomputation (routing and attention are
+causal), sequence granularity must reuse the prefill decision, and the cache must hold only kept K/V."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mindskip_kernels as mk
+from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
+from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers, new_cache
+from tests.test_hf import ARCHS, randomize_routers, tiny_model
+
+NEW = 10
+
+
+def left_padded_prompts(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, length in enumerate(lengths):
+        ids[b, n - length :] = torch.randint(1, 97, (length,), generator=gen)
+        mask[b, n - length :] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, use_cache: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=use_cache,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_granularity_cached_equals_recompute(arch, seed):
+    model = tiny_model(arch)
+    mk.apply_mindskip(model, layers=[0, 2])
+    torch.manual_seed(seed)
+    randomize_routers(model)
+    ids, mask = left_padded_prompts([9, 5, 2], seed)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=False)
+    assert any(0.0 < r < 1.0 for r in keep_rates(model).values()), "routing of the prompts should be mixed"
+    cached = greedy(model, ids, mask, use_cache=True)
+    torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
+
+
+def reference_sequence_generation(model, prompt: torch.Tensor) -> torch.Tensor:
+    """Step-by-step full recomputation of one sequence, with each routed layer forced to its prefill decision."""
+    layers = mindskip_layers(model)
+    saved = {i: layer.mindskip.threshold for i, layer in layers.items()}
+    with torch.no_grad():
+        model(prompt.unsqueeze(0), use_cache=False)
+        for layer in layers.values():  # scores are < 1, so threshold 1.0 skips and 0.0 keeps
+            layer.mindskip.threshold = 0.0 if bool(layer.mindskip.last_plan.keep.any()) else 1.0
+        ids = prompt.unsqueeze(0)
+        for _ in range(NEW):
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    for i, layer in layers.items():
+        layer.mindskip.threshold = saved[i]
+    return ids[0, prompt.shape[0] :]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_granularity_reuses_prefill_decision(arch, seed):
+    model = tiny_model(arch)
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity="sequence")
+    torch.manual_seed(seed)
+    randomize_routers(model, std=4.0)
+    ids, mask = left_padded_prompts([8, 6, 3], seed)
+    cached = greedy(model, ids, mask, use_cache=True)
+    for b in range(ids.shape[0]):
+        expect = reference_sequence_generation(model, ids[b][mask[b].bool()])
+        assert torch.equal(cached[b, ids.shape[1] :], expect), f"sequence {b}"
+
+
+def test_all_kept_routers_give_dense_generations():
+    dense = tiny_model("mistral")
+    model = tiny_model("mistral")
+    mk.apply_mindskip(model, threshold=0.0)
+    ids, mask = left_padded_prompts([7, 4, 6])
+    torch.testing.assert_close(greedy(model, ids, mask, True), greedy(dense, ids, mask, True), rtol=0, atol=0)
+
+
+def run_cache(model, ids, mask, steps: int = 6) -> MindSkipCache:
+    """Prefill plus `steps` greedy decode steps through an explicit cache; returns the cache."""
+    cache = new_cache(model, block_size=4)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            pos = pos[:, -1:] + 1
+            out = model(nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    assert out.past_key_values is cache
+    return cache
+
+
+def test_cache_holds_only_kept_tokens_within_block_rounding():
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2])
+    randomize_routers(model)
+    ids, mask = left_padded_prompts([12, 9, 5])
+    cache = run_cache(model, ids, mask)
+    dense_layer = cache.layers[3]
+    per_token = 2 * dense_layer.keys.shape[1] * dense_layer.keys.shape[3] * dense_layer.keys.element_size()
+    assert dense_layer.keys.shape[2] == cache.layers[0].seen == ids.shape[1] + 6
+    for i in (0, 1, 2):
+        layer = cache.layers[i]
+        assert isinstance(layer, RoutedKVLayer)
+        kept = layer.lengths.tolist()
+        assert 0 < sum(kept) < mask.sum() + 3 * 6, f"layer {i} should have skipped some tokens: {kept}"
+        assert layer.nbytes() == sum(math.ceil(n / 4) * 4 for n in kept) * per_token
+        assert abs(layer.nbytes() - sum(kept) * per_token) < 3 * 4 * per_token  # within one block per sequence
+    assert cache.nbytes() < cache.dense_nbytes()
+
+
+def test_sequence_skip_never_allocates():
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity="sequence", threshold=1.0)  # every sequence skips
+    ids, mask = left_padded_prompts([6, 4])
+    cache = run_cache(model, ids, mask)
+    for i in (0, 1, 2):
+        assert cache.layers[i].nbytes() == 0 and cache.layers[i].blocks_used == 0
+        assert cache.layers[i].decision.tolist() == [False, False]
+
+
+def test_beam_search_refused_and_sampling_runs():
+    model = tiny_model("qwen2")
+    mk.apply_mindskip(model)
+    ids, mask = left_padded_prompts([5, 3])
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_plain_dynamic_cache_refused():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    mk.apply_mindskip(model)
+    with torch.no_grad(), pytest.raises(TypeError, match="MindSkipCache"):
+        model(torch.randint(1, 97, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
