@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mindskip_kernels import _checks as check
-from mindskip_kernels.backends import resolve
+from mindskip_kernels.backends import needs_grad, resolve
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -38,7 +38,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     check.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "varlen_attention", q.device, q.dtype)
+    op = resolve(backend, "varlen_attention", q.device, q.dtype, needs_grad(q, k, v))
     return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
@@ -65,5 +65,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check.shape_match("cache_seqlens", cache_seqlens, (batch,), "one length per sequence")
     check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "decode_attention", q.device, q.dtype)
+    op = resolve(backend, "decode_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache))
     return op.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mindskip_kernels import _checks as check
-from mindskip_kernels.backends import resolve
+from mindskip_kernels.backends import needs_grad, resolve
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     mask = _padding_mask(attention_mask, batch, seq_len, device)
     positions = _position_ids(position_ids, batch, seq_len, device)
 
-    scores, keep = resolve(backend, "router", device, z.dtype).router(z, router_weight, mask, threshold,
-                                                                       granularity)
+    grad = needs_grad(z, router_weight)
+    scores, keep = resolve(backend, "router", device, z.dtype, grad).router(z, router_weight, mask, threshold,
+                                                                             granularity)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
     # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
     exact = device.type == "cpu" and batch > 0
@@ -108,7 +109,7 @@ def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
 def gather(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
     """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`."""
     _check_rows("x", x, plan)
-    op = resolve(backend, "gather", x.device, x.dtype)
+    op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x))
     return op.gather(x.reshape(-1, x.shape[-1]), plan.indices)
 
 
@@ -127,6 +128,6 @@ def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
         check.tensor("scale", scale, ndim=1, dtypes=check.FLOAT_DTYPES)
         check.shape_match("scale", scale, (plan.num_kept,), "one gate per kept token")
     check.same_device(residual=residual, values=values, scale=scale)
-    op = resolve(backend, "scatter_add", residual.device, residual.dtype)
+    op = resolve(backend, "scatter_add", residual.device, residual.dtype, needs_grad(residual, values, scale))
     out = op.scatter_add(residual.reshape(-1, residual.shape[-1]), values, plan.indices, scale)
     return out.view_as(residual)

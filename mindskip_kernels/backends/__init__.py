@@ -1,4 +1,8 @@
-"""Backend registry: resolves `backend=` ("auto", "reference", "triton", "compiled") per op, device and dtype."""
+"""Backend registry: resolves `backend=` ("auto", "reference", "triton", "compiled") per op, device and dtype.
+
+A backend module has `supports(op, device, dtype) -> bool` and may list in `DIFFERENTIABLE` the ops that
+have a backward; when an input requires grad, "auto" skips backends without one.
+"""
 
 from __future__ import annotations
 
@@ -29,14 +33,24 @@ def available() -> dict[str, bool]:
     return out
 
 
-def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """The backend module that runs `op` for tensors on `device` with `dtype`, or a clear error."""
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will need a backward through an op on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _differentiable(mod: ModuleType, op: str) -> bool:
+    return op in getattr(mod, "DIFFERENTIABLE", ())
+
+
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False) -> ModuleType:
+    """The backend module that runs `op` for tensors on `device` with `dtype` (with a backward when
+    `needs_grad`), or a clear error."""
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
         for name in PREFERENCE.get(device.type, ("reference",)):
             mod = _module(name)
-            if mod is not None and mod.supports(op, device, dtype):
+            if mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op)):
                 return mod
         raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
     mod = _module(backend)
@@ -48,4 +62,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
     if not mod.supports(op, device, dtype):
         raise ValueError(f"backend {backend!r} does not support {op} for {str(dtype).removeprefix('torch.')} "
                          f"tensors on {device.type}; use backend='auto' or 'reference'")
+    if needs_grad and not _differentiable(mod, op):
+        raise ValueError(f"backend {backend!r} has no backward for {op} and an input requires grad; use "
+                         f"backend='auto' or 'reference' for training")
     return mod

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 NAME = "reference"
 OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+DIFFERENTIABLE = OPS  # plain autograd
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:

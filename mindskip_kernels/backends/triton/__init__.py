@@ -16,6 +16,7 @@ from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
 OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
