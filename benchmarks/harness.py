@@ -67,6 +67,8 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    if len(times) == 1:
+        return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
 

@@ -98,7 +98,7 @@ def run_cache(model, ids, mask, steps: int = 6) -> MindSkipCache:
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             pos = pos[:, -1:] + 1
             out = model(nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    assert out.past_key_values is cache
+    assert out.cache is cache
     return cache
 
 

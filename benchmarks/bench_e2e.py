@@ -1,0 +1,168 @@
+"""The main job: a Llama-shaped model, dense vs MindSkip at the paper's setting, prefill and decode, side by side.
+
+    python benchmarks/bench_e2e.py                    # CPU: small Llama (8 layers, hidden 512), 1 x 1024 tokens
+    python benchmarks/bench_e2e.py --model llama3-8b  # default on CUDA: Llama-3-8B shapes, bf16, random weights
+    python benchmarks/bench_e2e.py --skip 0 0.25 0.5 0.75 --csv out.csv --plot out.png
+
+Routers sit on the last half of the layers minus the final one (the paper's choice). For each skip
+fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its tokens
+skips attention. "ideal" is Amdahl's law on measured times: the dense time minus that fraction of the
+routed layers' attention time (dense minus the same model with every routed attention skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindskip_kernels as mk  # noqa: E402
+from benchmarks.harness import Row, device_name, measure, print_table, write_csv  # noqa: E402
+from mindskip_kernels.integrations.hf import mindskip_layers, new_cache  # noqa: E402
+
+PRESETS = {
+    "cpu-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=8192),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    if name in PRESETS:
+        config = transformers.LlamaConfig(**PRESETS[name], max_position_embeddings=8192,
+                                          attn_implementation="sdpa")
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config).to(dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def calibrate(model: torch.nn.Module, ids: torch.Tensor, skip: float) -> None:
+    """Set each routed layer's threshold to the `skip` quantile of its scores on `ids` (threshold 1 skips all)."""
+    layers = mindskip_layers(model)
+    for layer in layers.values():
+        layer.mindskip.threshold = 0.0
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for layer in layers.values():
+        scores = layer.mindskip.last_plan.scores.flatten().double()
+        layer.mindskip.threshold = 1.0 if skip >= 1 else float(torch.quantile(scores, skip)) if skip > 0 else 0.0
+
+
+def prefill(model, ids, cache_fn):
+    return model(ids, cache=cache_fn(), use_cache=True)
+
+
+def decode(model, ids, cache_fn, steps: int):
+    """Prefill, then `steps` greedy steps; returns the cache (timed separately from prefill by the caller)."""
+    out = prefill(model, ids, cache_fn)
+    cache = out.cache
+    nxt = out.logits[:, -1:].argmax(-1)
+    pos = torch.full_like(nxt, ids.shape[1])
+    for _ in range(steps):
+        out = model(nxt, cache=cache, use_cache=True, position_ids=pos)
+        nxt, pos = out.logits[:, -1:].argmax(-1), pos + 1
+    return cache
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--model", default="llama3-8b" if cuda else "cpu-small",
+                   help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face model directory")
+    p.add_argument("--skip", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="fractions of tokens skipped in each routed layer")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if cuda else "float32")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--csv")
+    p.add_argument("--plot")
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes, a few seconds (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.seq_len, args.decode_steps, args.repeats = "smoke", 32, 4, 1
+    for s in args.skip:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--skip values must be in [0, 1), got {s}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    torch.manual_seed(0)
+    dense = build_model(args.model, dtype, device)
+    model = mk.apply_mindskip(copy.deepcopy(dense), backend=args.backend)
+    for layer in mindskip_layers(model).values():
+        torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.seq_len), device=device)
+    dev, steps = device_name(device), args.decode_steps
+    print(f"{args.model}: {dense.config.num_hidden_layers} layers, {len(mindskip_layers(model))} routed, batch "
+          f"{args.batch} x {args.seq_len} tokens, {args.dtype}, {dev}, backend={args.backend}")
+
+    def timings(m, cache_fn):
+        t_pre = measure(lambda: prefill(m, ids, cache_fn), device, warmup=1, repeats=args.repeats)
+        t_all = measure(lambda: decode(m, ids, cache_fn, steps), device, warmup=1, repeats=args.repeats)
+        return t_pre, tuple(max(a - b, 1e-9) / steps for a, b in zip(t_all, t_pre, strict=True))
+
+    rows, table = [], []
+    with torch.no_grad():
+        dense_pre, dense_dec = timings(dense, lambda: transformers.DynamicCache(config=dense.config))
+        calibrate(model, ids, 1.0)
+        none_pre, none_dec = timings(model, lambda: new_cache(model))  # every routed attention skipped
+        rows += [Row("e2e", "dense", "prefill", "time", "ms", "0", *dense_pre, dev),
+                 Row("e2e", "dense", "decode", "time", "ms/token", "0", *dense_dec, dev)]
+        for skip in args.skip:
+            calibrate(model, ids, skip)
+            pre, dec = timings(model, lambda: new_cache(model))
+            cache = decode(model, ids, lambda: new_cache(model), steps)
+            rows += [Row("e2e", "mindskip", "prefill", "time", "ms", f"{skip}", *pre, dev),
+                     Row("e2e", "mindskip", "decode", "time", "ms/token", f"{skip}", *dec, dev)]
+            for phase, d, n, m in (("prefill", dense_pre, none_pre, pre), ("decode", dense_dec, none_dec, dec)):
+                ideal = d[0] / max(d[0] - skip * max(d[0] - n[0], 0.0), 1e-9)
+                table.append([phase, f"{skip:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x", f"{ideal:.2f}x",
+                              f"{(d[0] / m[0]) / ideal:.0%}",
+                              f"{cache.nbytes() / cache.dense_nbytes():.0%}" if phase == "decode" else ""])
+    print_table(["phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal", "KV bytes"], table)
+    print(f"dense: {1e3 / dense_dec[0] * args.batch:.1f} decode tokens/s, "
+          f"{1e3 * args.batch * args.seq_len / dense_pre[0]:.0f} prefill tokens/s; decode ms are per step after a "
+          f"{args.seq_len}-token prefill")
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(table, args.plot)
+    return rows
+
+
+def plot(table: list[list], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for phase, marker in (("prefill", "o"), ("decode", "s")):
+        pts = [r for r in table if r[0] == phase]
+        x = [float(r[1].rstrip("%")) for r in pts]
+        ax.plot(x, [float(r[4].rstrip("x")) for r in pts], marker + "-", label=f"{phase} measured")
+        ax.plot(x, [float(r[5].rstrip("x")) for r in pts], marker + "--", alpha=0.6, label=f"{phase} ideal")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("tokens skipped in routed layers (%)")
+    ax.set_ylabel("speedup over dense")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
