@@ -246,22 +246,35 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_routers(model: nn.Module, path: str | os.PathLike, backend: str = "auto") -> nn.Module:
-    """Load routers saved by `save_routers` (a directory), patching the model first if needed."""
+    """Load routers saved by `save_routers` (a directory), or a state-dict file (`.safetensors`, or torch
+    `.bin`/`.pt`) with keys `model.layers.{i}.router.weight` (the paper's naming; other keys are ignored;
+    threshold 0.5, token granularity), patching the model first if needed."""
     from safetensors.torch import load_file
 
-    weights_file, meta_file = os.path.join(path, ROUTERS_FILE), os.path.join(path, META_FILE)
-    for f in (weights_file, meta_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"path must be a directory written by save_routers; missing {f}")
-    with open(meta_file) as f:
-        meta = json.load(f)
+    if os.path.isfile(path):
+        weights_file = meta_file = os.fspath(path)
+        state = (load_file(weights_file) if weights_file.endswith(".safetensors")
+                 else torch.load(weights_file, map_location="cpu", weights_only=True))
+        state = {k: v for k, v in state.items() if k.startswith("model.layers.") and k.endswith(".router.weight")}
+        if not state:
+            raise ValueError(f"path {weights_file} holds no `model.layers.{{i}}.router.weight` tensors")
+        meta = {"layers": sorted(int(k.split(".")[2]) for k in state), "threshold": 0.5, "granularity": "token"}
+    else:
+        weights_file, meta_file = os.path.join(path, ROUTERS_FILE), os.path.join(path, META_FILE)
+        for f in (weights_file, meta_file):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"path must be a directory written by save_routers or a state-dict file; "
+                                        f"missing {f}")
+        with open(meta_file) as f:
+            meta = json.load(f)
+        state = load_file(weights_file)
     extra = sorted(set(mindskip_layers(model)) - set(meta["layers"]))
     if extra:
         raise ValueError(f"model already routes layers {extra}, which {meta_file} does not list")
     apply_mindskip(model, layers=meta["layers"], threshold=meta["threshold"], granularity=meta["granularity"],
                    backend=backend)
     layers = mindskip_layers(model)
-    for key, weight in load_file(weights_file).items():
+    for key, weight in state.items():
         idx = int(key.split(".")[2])
         if idx not in layers or layers[idx].router.weight.shape != weight.shape:
             raise ValueError(f"{weights_file}: {key} with shape {tuple(weight.shape)} does not match the model")
