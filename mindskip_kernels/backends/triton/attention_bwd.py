@@ -30,9 +30,20 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, total_q, head_dim, stride_ot, stride
 
 
 @triton.jit
+def _dot_rounded(a, b, acc, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + a @ b for fp32 `a` and half-precision `b`: `a` is rounded to b's dtype for the tensor cores;
+    SPLIT adds the product of the rounding residual, which makes `a` effectively fp32 (one more MMA)."""
+    a_hi = a.to(b.dtype)
+    acc = tl.dot(a_hi, b, acc, input_precision=DOT_PREC)
+    if SPLIT:
+        acc = tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _dkdv_block_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi, q_len,
                       diag, offs_n, offs_d, head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                      FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+                      FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks lo..hi of one head (transposed tiles)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -47,10 +58,10 @@ def _dkdv_block_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv = _dot_rounded(p_t, do, dv, DOT_PREC, SPLIT)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk = _dot_rounded(ds_t, q, dk, DOT_PREC, SPLIT)
     return dk, dv
 
 
@@ -64,8 +75,8 @@ DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, stride_qt,
                  stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
                  stride_dkh, stride_dvt, stride_dvh, total_q, head_dim, softmax_scale, qk_scale, GROUP,
-                 IS_CAUSAL: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -103,10 +114,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
         delta_base = delta_ptr + head.to(tl.int64) * total_q + q_start
         dk, dv = _dkdv_block_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo,
                                    full, q_len, diag, offs_n, offs_d, head_dim, qk_scale, True, IS_CAUSAL,
-                                   FIX_BF16, DOT_PREC, BLOCK_M)
+                                   FIX_BF16, DOT_PREC, SPLIT, BLOCK_M)
         dk, dv = _dkdv_block_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, full,
                                    q_len, q_len, diag, offs_n, offs_d, head_dim, qk_scale, False, IS_CAUSAL,
-                                   FIX_BF16, DOT_PREC, BLOCK_M)
+                                   FIX_BF16, DOT_PREC, SPLIT, BLOCK_M)
     tl.store(dk_ptr + keys[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              rounded(dk * softmax_scale, dk_ptr.dtype.element_ty, FIX_BF16), mask=ok)
     tl.store(dv_ptr + keys[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
@@ -116,7 +127,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 @triton.jit
 def _dq_block_range(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len, diag, offs_m,
                     offs_d, head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                    FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks lo..hi."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -134,7 +145,7 @@ def _dq_block_range(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq = _dot_rounded(ds, k, dq, DOT_PREC, SPLIT)
     return dq
 
 
@@ -148,7 +159,8 @@ DQ_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_st
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh,
                stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q,
                head_dim, softmax_scale, qk_scale, GROUP, IS_CAUSAL: tl.constexpr, FIX_BF16: tl.constexpr,
-               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -177,9 +189,9 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr
     full, hi = causal_block_bounds(start_m, k_len, diag, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_block_range(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, k_len, diag, offs_m,
-                         offs_d, head_dim, qk_scale, False, IS_CAUSAL, FIX_BF16, DOT_PREC, BLOCK_N)
+                         offs_d, head_dim, qk_scale, False, IS_CAUSAL, FIX_BF16, DOT_PREC, SPLIT, BLOCK_N)
     dq = _dq_block_range(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, k_len, diag, offs_m,
-                         offs_d, head_dim, qk_scale, True, IS_CAUSAL, FIX_BF16, DOT_PREC, BLOCK_N)
+                         offs_d, head_dim, qk_scale, True, IS_CAUSAL, FIX_BF16, DOT_PREC, SPLIT, BLOCK_N)
     tl.store(dq_ptr + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              rounded(dq * softmax_scale, dq_ptr.dtype.element_ty, FIX_BF16), mask=ok)
 
@@ -204,7 +216,9 @@ def varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         _delta_kernel[(triton.cdiv(total_q, PRE_BLOCK), heads)](
             out, grad_out, delta, total_q, head_dim, out.stride(0), out.stride(1), grad_out.stride(0),
             grad_out.stride(1), BLOCK_M=PRE_BLOCK, BLOCK_D=block_d)
-    common = dict(IS_CAUSAL=causal, FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d)
+    split = q.dtype != torch.float32 and not fix_bf16(q.dtype)  # fp32 (and interpreted bf16) dots are exact
+    common = dict(IS_CAUSAL=causal, FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype), SPLIT=split,
+                  BLOCK_D=block_d)
     qk_scale = softmax_scale * LOG2E
     if k.shape[0]:
         _dkdv_kernel[lambda meta: (triton.cdiv(max(max_seqlen_k, 1), meta["BLOCK_N"]), kv_heads, batch)](

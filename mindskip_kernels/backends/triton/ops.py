@@ -3,7 +3,14 @@ implementation for torch.compile) and their autograd: one autograd.Function per 
 
 import torch
 
-from mindskip_kernels.backends.triton import attention_bwd, attention_fwd, compaction, decode, gather_scatter, router
+from mindskip_kernels.backends.triton import (
+    attention_bwd,
+    attention_fwd,
+    compaction,
+    decode,
+    gather_scatter,
+    router_kernels,
+)
 
 Tensor = torch.Tensor
 
@@ -11,7 +18,7 @@ Tensor = torch.Tensor
 @torch.library.custom_op("mindskip_triton::router", mutates_args=())
 def router_op(z: Tensor, weight: Tensor, gamma: Tensor | None, eps: float, mask: Tensor, threshold: float,
               sequence: bool) -> tuple[Tensor, Tensor]:
-    return router.launch(z, weight, gamma, eps, mask, threshold, sequence)
+    return router_kernels.launch(z, weight, gamma, eps, mask, threshold, sequence)
 
 
 @router_op.register_fake
