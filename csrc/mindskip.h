@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -30,7 +31,7 @@ void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, c
 constexpr int64_t kMaxHeadDim = 256;
 
 template <typename T>
-inline T ceil_div(T a, T b) {
+C10_HOST_DEVICE inline T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 

@@ -1,14 +1,37 @@
-// Inner loops shared by the CPU kernels, written so GCC vectorises them at -O3 (independent partial sums).
+// Inner loops shared by the CPU kernels.
+//
+// The extension is built for the baseline x86-64/aarch64 ISA, where fp16 <-> fp32 conversion is scalar
+// software. The hot loops (router dot product, scatter-add rows) therefore have an AVX2+FMA+F16C variant,
+// compiled with a target attribute and chosen at run time when the CPU has it. The portable versions use
+// independent partial sums so GCC vectorises them at -O3. Rounding is the same on both paths: products and
+// sums are rounded to the tensor dtype exactly where PyTorch rounds them (no FMA contraction).
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MINDSKIP_X86_SIMD 1
+#define MINDSKIP_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
 
 namespace mindskip::cpu {
 
-// sum_i acc_t(a[i]) * w[i], accumulated in acc_t over kLanes independent partial sums.
+template <typename acc_t>
+inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// ---- portable loops --------------------------------------------------------------------------------------
+
+// sum_i acc_t(a[i]) * w[i] over kLanes independent partial sums.
 template <typename acc_t, typename T>
-inline acc_t dot(const T* __restrict__ a, const acc_t* __restrict__ w, int64_t n) {
+inline acc_t dot_portable(const T* __restrict__ a, const acc_t* __restrict__ w, int64_t n) {
   constexpr int kLanes = 16;
   acc_t part[kLanes] = {};
   int64_t i = 0;
@@ -21,9 +44,107 @@ inline acc_t dot(const T* __restrict__ a, const acc_t* __restrict__ w, int64_t n
   return sum;
 }
 
-template <typename acc_t>
-inline acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + std::exp(-x));
+// dst = res + T(val * gate) (gate == nullptr: dst = res + val), each result rounded to T.
+template <typename acc_t, typename T>
+inline void add_row_portable(const T* __restrict__ res, const T* __restrict__ val, const acc_t* gate,
+                             T* __restrict__ dst, int64_t n, int64_t i0 = 0) {
+  for (int64_t i = i0; i < n; ++i) {
+    const T v = gate ? static_cast<T>(static_cast<acc_t>(val[i]) * *gate) : val[i];
+    dst[i] = static_cast<T>(static_cast<acc_t>(res[i]) + static_cast<acc_t>(v));
+  }
+}
+
+// ---- AVX2 loops (fp32 accumulation types only) -----------------------------------------------------------
+
+#ifdef MINDSKIP_X86_SIMD
+inline bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+MINDSKIP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+MINDSKIP_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MINDSKIP_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+MINDSKIP_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+MINDSKIP_AVX2 inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// Round to nearest even like c10::BFloat16 (NaN -> 0x7FC0).
+MINDSKIP_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+MINDSKIP_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T>
+MINDSKIP_AVX2 float dot_avx2(const T* a, const float* w, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(w + i), s0);
+    s1 = _mm256_fmadd_ps(load8(a + i + 8), _mm256_loadu_ps(w + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(w + i), s0);
+  float sum = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) sum += static_cast<float>(a[i]) * w[i];
+  return sum;
+}
+
+template <typename T>
+MINDSKIP_AVX2 void add_row_avx2(const T* res, const T* val, const float* gate, T* dst, int64_t n) {
+  int64_t i = 0;
+  if (gate) {
+    const __m256 g = _mm256_set1_ps(*gate);
+    alignas(32) T prod[8];
+    for (; i + 8 <= n; i += 8) {
+      store8(prod, _mm256_mul_ps(load8(val + i), g));  // rounded to T, like `values * scale`
+      store8(dst + i, _mm256_add_ps(load8(res + i), load8(prod)));
+    }
+  } else {
+    for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_add_ps(load8(res + i), load8(val + i)));
+  }
+  add_row_portable(res, val, gate, dst, n, i);
+}
+#endif
+
+// ---- dispatch --------------------------------------------------------------------------------------------
+
+template <typename acc_t, typename T>
+inline acc_t dot(const T* a, const acc_t* w, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return dot_avx2(a, w, n);
+  }
+#endif
+  return dot_portable(a, w, n);
+}
+
+template <typename acc_t, typename T>
+inline void add_row(const T* res, const T* val, const acc_t* gate, T* dst, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return add_row_avx2(res, val, gate, dst, n);
+  }
+#endif
+  add_row_portable(res, val, gate, dst, n);
 }
 
 }  // namespace mindskip::cpu

@@ -174,18 +174,8 @@ void scatter_add(const Tensor& residual, const Tensor& values, const Tensor& ind
           std::memcpy(dst, res, dim * sizeof(scalar_t));
           continue;
         }
-        const scalar_t* val = vp + t * dim;
-        if (sp != nullptr) {
-          const acc_t g = static_cast<acc_t>(sp[t]);
-          for (int64_t j = 0; j < dim; ++j) {
-            const auto prod = static_cast<scalar_t>(static_cast<acc_t>(val[j]) * g);  // rounded like the reference
-            dst[j] = static_cast<scalar_t>(static_cast<acc_t>(res[j]) + static_cast<acc_t>(prod));
-          }
-        } else {
-          for (int64_t j = 0; j < dim; ++j) {
-            dst[j] = static_cast<scalar_t>(static_cast<acc_t>(res[j]) + static_cast<acc_t>(val[j]));
-          }
-        }
+        const acc_t gate = sp != nullptr ? static_cast<acc_t>(sp[t]) : acc_t(0);
+        add_row(res, vp + t * dim, sp != nullptr ? &gate : nullptr, dst, dim);
         ++t;
       }
     });

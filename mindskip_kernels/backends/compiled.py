@@ -135,3 +135,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out = empty(q.shape, q.dtype, q.device)
     torch.ops.mindskip.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, out)
     return out
+
+
+_load()  # registers torch.ops.mindskip.* (when built) so the wrappers above work on import

@@ -1,0 +1,164 @@
+"""Each routing/attention kernel per available backend against the plain PyTorch sequence (the reference
+backend: matmul + sigmoid, nonzero + cumsum, index_select, index_add, einsum softmax).
+
+    python benchmarks/bench_kernels.py                 # CPU, or CUDA when present; < 1 min on CPU
+    python benchmarks/bench_kernels.py --smoke         # tiny sizes, a few seconds (CI)
+    python benchmarks/bench_kernels.py --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
+
+Prints one row per (op, dtype, backend): median time, p20/p80, GB/s on CUDA (bytes an ideal kernel must
+move), and the speedup over the reference backend measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import Row, device_name, measure, print_table, write_csv  # noqa: E402
+from mindskip_kernels.backends import available  # noqa: E402
+
+
+@dataclass
+class Case:
+    op: str                           # backend function name
+    label: str                        # shown in the table
+    dtype: torch.dtype
+    shape: str
+    bytes: int                        # minimum bytes moved (for GB/s)
+    call: Callable[[object], object]  # backend module -> result
+
+
+def sizes(device: torch.device, smoke: bool) -> dict[str, int]:
+    if smoke:
+        return {"B": 2, "N": 128, "D": 256, "S": 256, "Hq": 8, "Hkv": 2, "Dh": 64, "L": 128}
+    if device.type == "cuda":
+        return {"B": 8, "N": 4096, "D": 4096, "S": 8192, "Hq": 32, "Hkv": 8, "Dh": 128, "L": 2048}
+    return {"B": 4, "N": 2048, "D": 1024, "S": 2048, "Hq": 32, "Hkv": 8, "Dh": 128, "L": 256}
+
+
+def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[Case]:
+    b, n, d = sz["B"], sz["N"], sz["D"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    z = torch.randn(b, n, d, device=device).to(dtype)
+    w = (torch.randn(d, device=device) / d**0.5).to(dtype)
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    keep = torch.rand(b, n, device=device) < 0.5
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    t = idx.numel()
+    x2d = z.reshape(-1, d)
+    values = torch.randn(t, d, device=device).to(dtype)
+    scale = torch.rand(t, device=device)
+    shape = f"B{b} N{n} D{d}"
+    out = [
+        Case("router", "router token", dtype, shape, b * n * (d * es + 6),
+             lambda m: m.router(z, w, mask, 0.5, "token")),
+        Case("router", "router sequence", dtype, shape, b * n * (d * es + 6),
+             lambda m: m.router(z, w, mask, 0.5, "sequence")),
+        Case("gather", "gather", dtype, f"{shape} T{t}", 2 * t * d * es, lambda m: m.gather(x2d, idx)),
+        Case("scatter_add", "scatter_add+scale", dtype, f"{shape} T{t}", (2 * b * n + t) * d * es,
+             lambda m: m.scatter_add(x2d, values, idx, scale)),
+    ]
+    # decode: one query per sequence against ragged caches (half to full capacity)
+    s, hq, hkv, dh = sz["S"], sz["Hq"], sz["Hkv"], sz["Dh"]
+    q = torch.randn(b, hq, dh, device=device).to(dtype)
+    kc = torch.randn(b, s, hkv, dh, device=device).to(dtype)
+    vc = torch.randn(b, s, hkv, dh, device=device).to(dtype)
+    lens = torch.linspace(s // 2, s, b, device=device).long()
+    kv_bytes = int(lens.sum()) * hkv * dh * es * 2
+    out.append(Case("decode_attention", "decode_attention", dtype, f"B{b} S{s} H{hq}/{hkv} Dh{dh}", kv_bytes,
+                    lambda m: m.decode_attention(q, kc, vc, lens, dh**-0.5)))
+    # varlen attention on kept tokens (causal), the prefill of a routed layer
+    lv = sz["L"]
+    cu = torch.arange(0, b + 1, device=device, dtype=torch.int32) * lv
+    qv = torch.randn(b * lv, hq, dh, device=device).to(dtype)
+    kv = torch.randn(b * lv, hkv, dh, device=device).to(dtype)
+    out.append(Case("varlen_attention", "varlen_attention", dtype, f"B{b} L{lv} H{hq}/{hkv} Dh{dh}",
+                    (qv.numel() * 2 + kv.numel() * 2) * es,
+                    lambda m: m.varlen_attention(qv, kv, kv, cu, cu, lv, lv, True, dh**-0.5)))
+    return out
+
+
+def compaction_case(device: torch.device, sz: dict[str, int]) -> Case:
+    b, n = sz["B"], sz["N"]
+    keep = torch.rand(b, n, device=device) < 0.5
+    pos = torch.arange(n, device=device).expand(b, n)
+    return Case("compact", "compact", torch.bool, f"B{b} N{n}", b * n * 9 + int(keep.sum()) * 16,
+                lambda m: m.compact(keep, pos))
+
+
+def providers(device: torch.device) -> list[str]:
+    """Backends to time here; Triton only on CUDA (its CPU interpreter is for tests, never timed)."""
+    names = ["reference"] + [name for name, ok in available().items() if ok and name != "reference"]
+    return [name for name in names if device.type == "cuda" or name != "triton"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--csv", help="write rows to this CSV (benchmarks/harness.py schema)")
+    parser.add_argument("--plot", help="write a PNG of the speedups over the reference")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    sz = sizes(device, args.smoke)
+    repeats = 3 if args.smoke else 10
+    modules = {name: importlib.import_module(f"mindskip_kernels.backends.{name}") for name in providers(device)}
+    all_cases = [compaction_case(device, sz)]
+    for name in args.dtypes.split(","):
+        all_cases += cases(device, getattr(torch, name), sz)
+
+    rows: list[Row] = []
+    table: list[list[object]] = []
+    dev_name = device_name(device)
+    for case in all_cases:
+        ref_ms = None
+        for name, mod in modules.items():
+            dtype = torch.float32 if case.dtype == torch.bool else case.dtype
+            if not mod.supports(case.op, device, dtype):
+                continue
+            p50, p20, p80 = measure(lambda mod=mod, case=case: case.call(mod), device, repeats=repeats)
+            ref_ms = p50 if name == "reference" else ref_ms
+            speedup = ref_ms / p50 if ref_ms else float("nan")
+            gbs = case.bytes / p50 / 1e6 if device.type == "cuda" else float("nan")
+            dt = str(case.dtype).removeprefix("torch.")
+            rows.append(Row(case.label, name, "fwd", "time", "ms", f"{dt} {case.shape}", p50, p20, p80, dev_name))
+            table.append([case.label, dt, case.shape, name, p50, p20, p80, gbs, speedup])
+    print(f"device: {dev_name}, torch {torch.__version__}")
+    print_table(["op", "dtype", "shape", "backend", "p50 ms", "p20 ms", "p80 ms", "GB/s", "x vs reference"], table)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(table, args.plot, dev_name)
+    return 0
+
+
+def plot(table: list[list[object]], path: str, title: str) -> None:
+    """Bar chart of the speedup over the reference, one bar per (op, dtype, backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] != "reference"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars)), 4))
+    ax.bar(range(len(bars)), [s for _, s in bars])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over reference (x)")
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU check (issue 4): build _C with CUDA, run tests/gpu, benchmark the kernels and one layer on CUDA,
+# print one summary. Sized for < 8 minutes on one H100/H200 (build ~2-3 min for one arch with 16 jobs).
+#
+#   bash benchmarks/gpu_check.sh            # results (CSV, PNG, logs) in $OUT or benchmarks/results/gpu
+#
+# Needs python with the CUDA build of torch, nvcc (CUDA_HOME), pytest, and this checkout. Every step has a
+# time limit and a failure does not stop later steps: the summary says which passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+results="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$results"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+arch="$(python -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")' 2>/dev/null || echo 9.0)"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+summary=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $results/NAME.log, record the status
+  local name="$1" limit="$2"
+  shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s) =="
+  timeout "$limit" "$@" 2>&1 | tee "$results/$name.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-14s %-8s %4ds' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo "FAIL($rc)")" $((SECONDS - start)))")
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/gpu.txt"
+step build 300 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
+  pip install -q --no-deps --no-build-isolation -e .
+step info 60 python -m mindskip_kernels info
+step tests_gpu 150 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
+step bench_kernels 90 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
+  --csv "$results/kernels.csv" --plot "$results/kernels.png"
+step bench_layer 90 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
+  --csv "$results/layer.csv" --plot "$results/layer.png"
+
+echo
+echo "== summary ($(cat "$results/gpu.txt")) =="
+printf '%s\n' "${summary[@]}"
+echo "tests: $(grep -E '(passed|failed)' "$results/tests_gpu.log" | tail -1)"
+echo "kernel speedups over the reference (p50):"
+grep -E '^\| .*\| (compiled|triton) ' "$results/bench_kernels.log" | awk -F'|' '{printf "  %-18s %-9s %-9s %8s ms  %7s GB/s  x%s\n", $2, $3, $5, $6, $9, $10}'
