@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print versions, available backends and how _C was built")
     info.set_defaults(func=_info)
+    from mindskip_kernels.tuning import add_commands  # `tune` and `eval` (Router-Tuning)
+
+    add_commands(sub)
     return parser
 
 

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mindskip_kernels.integrations.hf import mindskip_layers
-
 Example = dict[str, str] | str
 Item = dict[str, torch.Tensor]
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -196,8 +194,14 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
+    from mindskip_kernels.integrations.hf import mindskip_layers  # imports transformers: only when used
+
+    return mindskip_layers(model)
+
+
 def _routers(model: nn.Module) -> dict[int, nn.Module]:
-    layers = mindskip_layers(model)
+    layers = _mindskip_layers(model)
     if not layers:
         raise ValueError("model has no MindSkip routers: call mindskip_kernels.apply_mindskip(model) first")
     return layers
@@ -332,7 +336,7 @@ def evaluate(model: nn.Module, data: str | os.PathLike | Sequence[Example] | Seq
     _check_positive(batch_size=batch_size, max_length=max_length)
     items = _items(data, tokenizer, max_length)
     device = next(model.parameters()).device
-    layers = mindskip_layers(model)
+    layers = _mindskip_layers(model)
     was_training = model.training
     model.eval()
     nll, count, seconds = 0.0, 0, 0.0

@@ -1,0 +1,205 @@
+"""Router-Tuning on a tiny random Llama: training moves only the routers, data files, the CLI end to end, and
+DDP with 2 CPU processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+
+import mindskip_kernels as mk
+from mindskip_kernels.integrations.hf import mindskip_layers
+from mindskip_kernels.tuning import collate, read_examples, router_tune, tokenize_examples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 12
+        + "Routers decide which tokens attend; the rest pass through. " * 12)
+RECORDS = [{"instruction": "Repeat the word", "input": w, "output": f"{w} {w} {w}"}
+           for w in ("fox", "dog", "stitch", "time", "router", "token")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices on a shared machine: more threads only oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real byte-level BPE tokenizer, trained here on TEXT (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT, json.dumps(RECORDS)], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                                      num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_read_examples_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n\n")
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "i", "output": "o"}], indent=1))
+    (tmp_path / "a.txt").write_text(TEXT)
+    assert read_examples(tmp_path / "a.jsonl") == RECORDS[:2]
+    assert read_examples(tmp_path / "a.json") == [{"instruction": "i", "input": "", "output": "o"}]
+    assert read_examples(tmp_path / "a.txt") == [TEXT]
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": \n', 3),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "response": "b"}\n', 2),
+    ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]', 3),
+    ("bad.json", '[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "a"}\n]', 3),
+    ("bad.json", '{"instruction": "a", "output": "b"}', 1),
+    ("bad.txt", b"fine\nstill fine\n\xff\xfe broken\n", 3),
+    ("empty.txt", "  \n", 1),
+])
+def test_bad_data_files_name_file_and_line(tmp_path, name, content, line):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=f"{name}:{line}: "):
+        read_examples(path)
+
+
+def test_instruction_loss_is_masked_to_the_response(tokenizer):
+    item, = tokenize_examples(RECORDS[:1], tokenizer, max_length=64)
+    prompt = tokenizer("### Instruction:\nRepeat the word\n\n### Input:\nfox\n\n### Response:\n",
+                       add_special_tokens=False)["input_ids"]
+    assert item["input_ids"][: len(prompt)].tolist() == prompt
+    assert (item["labels"][: len(prompt)] == -100).all()
+    assert item["labels"][len(prompt):].tolist() == item["input_ids"][len(prompt):].tolist()
+    assert item["input_ids"][-1] == tokenizer.eos_token_id
+    blocks = tokenize_examples([TEXT], tokenizer, max_length=32)
+    assert len(blocks) > 1 and all(b["input_ids"].numel() <= 32 for b in blocks)
+    batch = collate(blocks[-2:], pad_id=tokenizer.pad_token_id)
+    assert batch["attention_mask"].sum() == sum(b["input_ids"].numel() for b in blocks[-2:])
+
+
+def test_router_tune_moves_only_routers_and_lowers_the_loss(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    mk.apply_mindskip(model, backend="reference")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items = tokenize_examples([TEXT], tokenizer, max_length=24)
+    history = router_tune(model, items, steps=30, batch_size=4, lr=1e-2, sparsity_weight=0.5, progress=False)
+    assert [h["step"] for h in history] == list(range(1, 31))
+    assert history[0]["keep_rate"] == 1.0, "zero routers score 0.5 = threshold: every token starts kept"
+    assert history[-1]["keep_rate"] < 0.9, history
+    first, last = (sum(h["loss"] for h in part) / 5 for part in (history[:5], history[-5:]))
+    assert last < first, f"loss should go down: first 5 steps {first:.4f}, last 5 {last:.4f}"
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12), "cosine schedule ends at zero"
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{i}.router.weight" for i in (1, 2)}
+    assert not model.training and not any(p.requires_grad != (".router." not in n) for n, p in
+                                          model.named_parameters() if ".router." not in n)
+
+
+def test_router_tune_bf16_and_grad_accum_and_arguments(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    mk.apply_mindskip(model, backend="reference")
+    history = router_tune(model, RECORDS, tokenizer, steps=2, batch_size=2, grad_accum=2, lr=1e-2,
+                          target_capacity=0.3, precision="bf16", progress=False)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    with pytest.raises(ValueError, match="precision"):
+        router_tune(model, RECORDS, tokenizer, precision="fp8")
+    with pytest.raises(ValueError, match="target_capacity"):
+        router_tune(model, RECORDS, tokenizer, target_capacity=1.5)
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        router_tune(model, RECORDS)
+    with pytest.raises(ValueError, match="apply_mindskip"):
+        router_tune(tiny_llama(len(tokenizer)), RECORDS, tokenizer)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_load_routers_from_paper_state_dict(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    weights = {f"model.layers.{i}.router.weight": torch.randn(1, 48) for i in (0, 2)}
+    state = {**weights, "model.embed_tokens.weight": torch.randn(97, 48)}  # other keys are ignored
+    path = tmp_path / f"routers.{fmt}"
+    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    model = tiny_llama(97)
+    mk.load_routers(model, path, backend="reference")
+    layers = mindskip_layers(model)
+    assert set(layers) == {0, 2} and layers[0].mindskip.threshold == 0.5
+    for i, layer in layers.items():
+        assert torch.equal(layer.router.weight, weights[f"model.layers.{i}.router.weight"])
+    save_file({"lm_head.weight": torch.randn(2, 2)}, tmp_path / "none.safetensors")
+    with pytest.raises(ValueError, match="none.safetensors holds no"):
+        mk.load_routers(tiny_llama(97), tmp_path / "none.safetensors")
+
+
+def test_cli_tune_then_eval(tmp_path, saved_model, capsys):
+    from mindskip_kernels.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    held = tmp_path / "held.txt"
+    held.write_text(TEXT)
+    out = tmp_path / "run"
+    main(["tune", "--model", str(saved_model), "--data", str(data), "--layers", "2", "--steps", "3",
+          "--lr", "1e-2", "--sparsity-weight", "1", "--batch-size", "2", "--backend", "reference",
+          "--out", str(out)])
+    assert {"routers.safetensors", "mindskip.json", "train_log.csv", "train_curve.png"} <= set(os.listdir(out))
+    assert json.loads((out / "mindskip.json").read_text())["layers"] == [1, 2]
+    assert (out / "train_log.csv").read_text().splitlines()[0] == "step,lr,loss,lm_loss,keep_rate"
+    main(["eval", "--model", str(saved_model), "--routers", str(out), "--data", str(held), "--max-length", "32",
+          "--backend", "reference"])
+    report = capsys.readouterr().out
+    assert "perplexity" in report and "speed vs dense" in report and "keep rate per layer: 1:" in report
+
+
+def test_torchrun_two_cpu_processes(tmp_path, saved_model):
+    """DDP over gloo: each rank reads its own shard, yet the all-reduced router updates stay identical."""
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT)
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        import mindskip_kernels as mk
+        from mindskip_kernels.tuning import load_model, router_tune
+        model, tok = load_model({str(saved_model)!r})
+        mk.apply_mindskip(model, backend="reference")
+        history = router_tune(model, {str(data)!r}, tok, steps=3, batch_size=2, max_length=24, lr=1e-2,
+                              sparsity_weight=0.5, progress=False)
+        routers = {{n: p for n, p in model.state_dict().items() if ".router." in n}}
+        torch.save((routers, history), os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.pt"))
+        torch.distributed.destroy_process_group()
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", str(script)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r0, h0), (r1, h1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert h0 == h1, "logged losses are all-reduced means, the same on both ranks"
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+        assert r0[name].abs().sum() > 0, f"{name} did not train"
