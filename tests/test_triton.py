@@ -172,7 +172,7 @@ def test_mindskip_layer_gradients(dtype, granularity):
     mask[1, :7] = 0
 
     def run(backend: str, dt: torch.dtype) -> dict[str, torch.Tensor]:
-        m = copy.deepcopy(layer).to(dt)
+        m = copy.deepcopy(layer).to(dtype).to(dt)  # the truth uses the same rounded weights
         m.backend = backend
         xs = x.to(dtype).to(dt).detach().clone().requires_grad_()
         out = m(xs, residual=residual.to(dtype).to(dt), attention_mask=mask)
