@@ -65,6 +65,11 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
         Case("scatter_add", "scatter_add+scale", dtype, f"{shape} T{t}", (2 * b * n + t) * d * es,
              lambda m: m.scatter_add(x2d, values, idx, scale)),
     ]
+    # the routed layer's front end from the hidden states x: RMSNorm -> router -> gather of kept rows. The
+    # PyTorch sequence normalizes every row; fused backends fold the norm into the router and the gather.
+    gamma = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+    out.append(Case("router", "norm+router+gather", dtype, f"{shape} T{t}", (2 * b * n + 2 * t) * d * es,
+                    lambda m: norm_router_gather(m, z, gamma, w, mask, idx)))
     # decode: one query per sequence against ragged caches (half to full capacity)
     s, hq, hkv, dh = sz["S"], sz["Hq"], sz["Hkv"], sz["Dh"]
     q = torch.randn(b, hq, dh, device=device).to(dtype)
@@ -83,6 +88,17 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
                     (qv.numel() * 2 + kv.numel() * 2) * es,
                     lambda m: m.varlen_attention(qv, kv, kv, cu, cu, lv, lv, True, dh**-0.5)))
     return out
+
+
+def norm_router_gather(m: object, x: torch.Tensor, gamma: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
+                       idx: torch.Tensor) -> torch.Tensor:
+    """Fused when the backend has router_from_hidden/gather_norm, else rms_norm + router + gather."""
+    if hasattr(m, "router_from_hidden") and hasattr(m, "gather_norm"):
+        m.router_from_hidden(x, gamma, 1e-6, w, mask, 0.5, "token")
+        return m.gather_norm(x.reshape(-1, x.shape[-1]), gamma, 1e-6, idx)
+    z = torch.nn.functional.rms_norm(x, (x.shape[-1],), gamma, 1e-6)
+    m.router(z, w, mask, 0.5, "token")
+    return m.gather(z.reshape(-1, x.shape[-1]), idx)
 
 
 def compaction_case(device: torch.device, sz: dict[str, int]) -> Case:
@@ -104,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--csv", help="write rows to this CSV (benchmarks/harness.py schema)")
     parser.add_argument("--plot", help="write a PNG of the speedups over the reference")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sz = sizes(device, args.smoke)
     repeats = 3 if args.smoke else 10
     modules = {name: importlib.import_module(f"mindskip_kernels.backends.{name}") for name in providers(device)}

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace mindskip {
 
@@ -14,12 +15,13 @@ using at::Tensor;
 
 // Each check raises ValueError (shape, rank, device, out-of-range value) or TypeError (dtype) through
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, with the op and the argument named.
-void check_router(const Tensor& z, const Tensor& weight, const Tensor& mask, double threshold,
-                  const Tensor& scores, const Tensor& keep);
+void check_router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps,
+                  const Tensor& mask, double threshold, const Tensor& scores, const Tensor& keep);
 void check_compact_counts(const Tensor& keep, const Tensor& cu_seqlens);
 void check_compact(const Tensor& keep, const Tensor& position_ids, const Tensor& cu_seqlens,
                    const Tensor& indices, const Tensor& positions);
 void check_gather(const Tensor& x, const Tensor& indices, const Tensor& out);
+void check_gather_norm(const Tensor& x, const Tensor& gamma, double eps, const Tensor& indices, const Tensor& out);
 void check_scatter_add(const Tensor& residual, const Tensor& values, const Tensor& indices,
                        const std::optional<Tensor>& scale, const Tensor& out);
 void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

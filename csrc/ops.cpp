@@ -64,10 +64,26 @@ void check_head_dim(const char* op, int64_t dh) {
                     "], got ", dh);
 }
 
+// RMSNorm weight [D] of x's last dim, eps >= 0, on x's device.
+void check_norm(const char* op, const char* x_name, const Tensor& x, const Tensor& gamma, double eps) {
+  check_float(op, "gamma", gamma);
+  check_shape(op, "gamma", gamma, {x.size(-1)}, "RMSNorm weight over the hidden size");
+  TORCH_CHECK_VALUE(eps >= 0.0, "mindskip.", op, ": eps must be >= 0, got ", eps);
+  check_same_device(op, {{x_name, &x}, {"gamma", &gamma}});
+}
+
+void gather_args(const char* op, const Tensor& x, const Tensor& indices, const Tensor& out) {
+  check_rank(op, "x", x, 2, "[rows, D]");
+  check_rank(op, "indices", indices, 1, "[T]");
+  check_dtype(op, "indices", indices, at::kLong);
+  check_out(op, "out", out, {indices.size(0), x.size(1)}, x.scalar_type());
+  check_same_device(op, {{"x", &x}, {"indices", &indices}, {"out", &out}});
+}
+
 }  // namespace
 
-void check_router(const Tensor& z, const Tensor& weight, const Tensor& mask, double threshold,
-                  const Tensor& scores, const Tensor& keep) {
+void check_router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps,
+                  const Tensor& mask, double threshold, const Tensor& scores, const Tensor& keep) {
   const char* op = "router";
   check_rank(op, "z", z, 3, "[B, N, D]");
   check_float(op, "z", z);
@@ -83,6 +99,7 @@ void check_router(const Tensor& z, const Tensor& weight, const Tensor& mask, dou
   check_out(op, "scores", scores, {b, n}, at::kFloat);
   check_out(op, "keep", keep, {b, n}, at::kBool);
   check_same_device(op, {{"z", &z}, {"weight", &weight}, {"mask", &mask}, {"scores", &scores}, {"keep", &keep}});
+  if (gamma.has_value()) check_norm(op, "z", z, *gamma, eps);
 }
 
 void check_compact_counts(const Tensor& keep, const Tensor& cu_seqlens) {
@@ -110,13 +127,12 @@ void check_compact(const Tensor& keep, const Tensor& position_ids, const Tensor&
                          {"indices", &indices}, {"positions", &positions}});
 }
 
-void check_gather(const Tensor& x, const Tensor& indices, const Tensor& out) {
-  const char* op = "gather";
-  check_rank(op, "x", x, 2, "[rows, D]");
-  check_rank(op, "indices", indices, 1, "[T]");
-  check_dtype(op, "indices", indices, at::kLong);
-  check_out(op, "out", out, {indices.size(0), x.size(1)}, x.scalar_type());
-  check_same_device(op, {{"x", &x}, {"indices", &indices}, {"out", &out}});
+void check_gather(const Tensor& x, const Tensor& indices, const Tensor& out) { gather_args("gather", x, indices, out); }
+
+void check_gather_norm(const Tensor& x, const Tensor& gamma, double eps, const Tensor& indices, const Tensor& out) {
+  gather_args("gather_norm", x, indices, out);
+  check_float("gather_norm", "x", x);
+  check_norm("gather_norm", "x", x, gamma, eps);
 }
 
 void check_scatter_add(const Tensor& residual, const Tensor& values, const Tensor& indices,
@@ -190,12 +206,14 @@ void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, c
 }  // namespace mindskip
 
 TORCH_LIBRARY(mindskip, m) {
-  m.def("router(Tensor z, Tensor weight, Tensor mask, float threshold, bool per_sequence, "
+  // gamma given: z is the un-normalized hidden state and the router scores RMSNorm(z) * gamma (eps inside)
+  m.def("router(Tensor z, Tensor weight, Tensor? gamma, float eps, Tensor mask, float threshold, bool per_sequence, "
         "Tensor(a!) scores, Tensor(b!) keep) -> ()");
   m.def("compact_counts(Tensor keep, Tensor(a!) cu_seqlens) -> ()");
   m.def("compact(Tensor keep, Tensor position_ids, Tensor cu_seqlens, Tensor(a!) indices, "
         "Tensor(b!) positions) -> ()");
   m.def("gather(Tensor x, Tensor indices, Tensor(a!) out) -> ()");
+  m.def("gather_norm(Tensor x, Tensor gamma, float eps, Tensor indices, Tensor(a!) out) -> ()");
   m.def("scatter_add(Tensor residual, Tensor values, Tensor indices, Tensor? scale, Tensor(a!) out) -> ()");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale, "
         "Tensor(a!) out) -> ()");

@@ -24,20 +24,23 @@ def _bool(*shape: int) -> torch.Tensor:
 
 # ---- errors from C++ ---------------------------------------------------------------------------------------
 
+
+def _router(z=None, w=None, gamma=None, mask=None, threshold=0.5, scores=None):
+    """torch.ops.mindskip.router on valid [1, 4, 8] inputs except for the one argument given."""
+    z = torch.randn(1, 4, 8) if z is None else z
+    ops.router(z, torch.randn(8) if w is None else w, gamma, 1e-6, _bool(1, 4) if mask is None else mask, threshold,
+               False, torch.empty(1, 4) if scores is None else scores, _bool(1, 4))
+
+
 BAD_CALLS = {
-    "router z rank": (lambda: ops.router(torch.randn(4, 8), torch.randn(8), _bool(4), 0.5, False,
-                                         torch.empty(4), _bool(4)), ValueError, "z must be 3-D"),
-    "router z dtype": (lambda: ops.router(torch.ones(1, 4, 8, dtype=torch.int32), torch.randn(8), _bool(1, 4), 0.5,
-                                          False, torch.empty(1, 4), _bool(1, 4)), TypeError, "z must be float16"),
-    "router weight size": (lambda: ops.router(torch.randn(1, 4, 8), torch.randn(7), _bool(1, 4), 0.5, False,
-                                              torch.empty(1, 4), _bool(1, 4)), ValueError, "weight must have shape"),
-    "router mask shape": (lambda: ops.router(torch.randn(1, 4, 8), torch.randn(8), _bool(1, 5), 0.5, False,
-                                             torch.empty(1, 4), _bool(1, 4)), ValueError, "mask must have shape"),
-    "router threshold": (lambda: ops.router(torch.randn(1, 4, 8), torch.randn(8), _bool(1, 4), 1.5, False,
-                                            torch.empty(1, 4), _bool(1, 4)), ValueError, "threshold must be in"),
-    "router scores dtype": (lambda: ops.router(torch.randn(1, 4, 8), torch.randn(8), _bool(1, 4), 0.5, False,
-                                               torch.empty(1, 4, dtype=torch.float64), _bool(1, 4)),
-                            TypeError, "scores must be Float"),
+    "router z rank": (lambda: _router(z=torch.randn(4, 8)), ValueError, "z must be 3-D"),
+    "router z dtype": (lambda: _router(z=torch.ones(1, 4, 8, dtype=torch.int32)), TypeError, "z must be float16"),
+    "router weight size": (lambda: _router(w=torch.randn(7)), ValueError, "weight must have shape"),
+    "router mask shape": (lambda: _router(mask=_bool(1, 5)), ValueError, "mask must have shape"),
+    "router threshold": (lambda: _router(threshold=1.5), ValueError, "threshold must be in"),
+    "router scores dtype": (lambda: _router(scores=torch.empty(1, 4, dtype=torch.float64)), TypeError,
+                            "scores must be Float"),
+    "router gamma shape": (lambda: _router(gamma=torch.ones(9)), ValueError, "gamma must have shape"),
     "compact_counts keep dtype": (lambda: ops.compact_counts(torch.ones(2, 3), torch.empty(3, dtype=torch.int32)),
                                   TypeError, "keep must be Bool"),
     "compact total": (lambda: ops.compact(_bool(2, 3), torch.zeros(2, 3, dtype=torch.long),
@@ -145,8 +148,10 @@ def test_torch_compile_fullgraph():
 
 
 OPCHECK_CASES = {
-    "router": lambda: (ops.router, (torch.randn(2, 5, 8), torch.randn(8), _bool(2, 5), 0.5, True,
-                                    torch.empty(2, 5), _bool(2, 5))),
+    "router": lambda: (ops.router, (torch.randn(2, 5, 8), torch.randn(8), torch.rand(8), 1e-6, _bool(2, 5), 0.5,
+                                    True, torch.empty(2, 5), _bool(2, 5))),
+    "gather_norm": lambda: (ops.gather_norm, (torch.randn(6, 8), torch.rand(8), 1e-6, torch.tensor([1, 4]),
+                                              torch.empty(2, 8))),
     "gather": lambda: (ops.gather, (torch.randn(6, 8), torch.tensor([1, 4]), torch.empty(2, 8))),
     "scatter_add": lambda: (ops.scatter_add, (torch.randn(6, 8), torch.randn(2, 8), torch.tensor([1, 4]),
                                               torch.rand(2), torch.empty(6, 8))),
@@ -214,6 +219,53 @@ def test_varlen_attention_fp64_int64_offsets():
         got = compiled.varlen_attention(q, k, v, cu, cu, 37, 37, causal, 0.2)
         want = reference.varlen_attention(q, k, v, cu, cu, 37, 37, causal, 0.2)
         torch.testing.assert_close(got, want)
+
+
+# ---- fused RMSNorm paths (router_from_hidden, gather_norm) ----------------------------------------------
+
+
+def _norm_inputs(dtype: torch.dtype, b: int, n: int, d: int):
+    x = (3 * torch.randn(b, n, d)).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(d)).to(dtype)
+    w = (torch.randn(d) / d**0.5).to(dtype)
+    return x, gamma, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 97, 40), (3, 1025, 64)])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_router_from_hidden(dtype, shape, granularity):
+    b, n, d = shape
+    x, gamma, w = _norm_inputs(dtype, b, n, d)
+    mask = random_keep(b, n, "empty_seq") if n > 1 else _bool(b, n)
+    scores, keep = compiled.router_from_hidden(x, gamma, 1e-5, w, mask, 0.5, granularity)
+    low = reference.router(torch.nn.functional.rms_norm(x, (d,), gamma, 1e-5), w, mask, 0.5, granularity)[0]
+    z64 = torch.nn.functional.rms_norm(x.double(), (d,), gamma.double(), 1e-5)
+    truth, truth_keep = reference.router(z64, w.double(), mask, 0.5, granularity)
+    assert_within_rule(scores[mask], low.float()[mask], truth[mask], "scores")
+    clear = (truth - 0.5).abs() > 1e-3
+    assert torch.equal(keep[clear], truth_keep[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["random", "all", "none"])
+def test_gather_norm(dtype, pattern):
+    x, gamma, _ = _norm_inputs(dtype, 2, 97, 40)
+    x2d = x.reshape(-1, 40)
+    idx = random_keep(2, 97, pattern).reshape(-1).nonzero().squeeze(1)
+    out = compiled.gather_norm(x2d, gamma, 1e-6, idx)
+    low = torch.nn.functional.rms_norm(x2d, (40,), gamma, 1e-6)[idx]
+    truth = torch.nn.functional.rms_norm(x2d.double(), (40,), gamma.double(), 1e-6)[idx]
+    assert out.dtype == dtype
+    assert_within_rule(out, low, truth, "gather_norm")
+
+
+def test_norm_bad_input():
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        compiled.gather_norm(torch.randn(4, 8), torch.ones(7), 1e-6, torch.tensor([1]))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        compiled.router_from_hidden(torch.randn(1, 4, 8), torch.ones(8), -1.0, torch.randn(8), _bool(1, 4), 0.5,
+                                    "token")
 
 
 # ---- info -------------------------------------------------------------------------------------------------

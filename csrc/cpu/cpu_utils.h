@@ -1,10 +1,11 @@
 // Inner loops shared by the CPU kernels.
 //
 // The extension is built for the baseline x86-64/aarch64 ISA, where fp16 <-> fp32 conversion is scalar
-// software. The hot loops (router dot product, scatter-add rows) therefore have an AVX2+FMA+F16C variant,
-// compiled with a target attribute and chosen at run time when the CPU has it. The portable versions use
-// independent partial sums so GCC vectorises them at -O3. Rounding is the same on both paths: products and
-// sums are rounded to the tensor dtype exactly where PyTorch rounds them (no FMA contraction).
+// software. The hot loops (router dot product and RMS statistic, normalized and scatter-add rows) therefore
+// have an AVX2+FMA+F16C variant, compiled with a target attribute and chosen at run time when the CPU has
+// it. The portable versions use independent partial sums so GCC vectorises them at -O3. Rounding is the
+// same on both paths: products and sums are rounded to the tensor dtype exactly where PyTorch rounds them
+// (no FMA contraction).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -42,6 +44,39 @@ inline acc_t dot_portable(const T* __restrict__ a, const acc_t* __restrict__ w, 
   for (; i < n; ++i) sum += static_cast<acc_t>(a[i]) * w[i];
   for (int l = 0; l < kLanes; ++l) sum += part[l];
   return sum;
+}
+
+// (sum_i a[i] * w[i], sum_i a[i]^2) in one pass: the router logit and the RMS statistic of a row.
+template <typename acc_t, typename T>
+inline std::pair<acc_t, acc_t> dot_sumsq_portable(const T* __restrict__ a, const acc_t* __restrict__ w, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t dp[kLanes] = {}, sq[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const auto x = static_cast<acc_t>(a[i + l]);
+      dp[l] += x * w[i + l];
+      sq[l] += x * x;
+    }
+  }
+  acc_t d = 0, q = 0;
+  for (; i < n; ++i) {
+    const auto x = static_cast<acc_t>(a[i]);
+    d += x * w[i];
+    q += x * x;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    d += dp[l];
+    q += sq[l];
+  }
+  return {d, q};
+}
+
+// dst = T(src * rstd * gamma): an RMS-normalized row with one rounding.
+template <typename acc_t, typename T>
+inline void norm_row_portable(const T* __restrict__ src, const acc_t* __restrict__ gamma, acc_t rstd,
+                              T* __restrict__ dst, int64_t n, int64_t i0 = 0) {
+  for (int64_t i = i0; i < n; ++i) dst[i] = static_cast<T>(static_cast<acc_t>(src[i]) * rstd * gamma[i]);
 }
 
 // dst = res + T(val * gate) (gate == nullptr: dst = res + val), each result rounded to T.
@@ -109,6 +144,36 @@ MINDSKIP_AVX2 float dot_avx2(const T* a, const float* w, int64_t n) {
 }
 
 template <typename T>
+MINDSKIP_AVX2 std::pair<float, float> dot_sumsq_avx2(const T* a, const float* w, int64_t n) {
+  __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = load8(a + i), x1 = load8(a + i + 8);
+    d0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + i), d0);
+    d1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + i + 8), d1);
+    q0 = _mm256_fmadd_ps(x0, x0, q0);
+    q1 = _mm256_fmadd_ps(x1, x1, q1);
+  }
+  float d = hsum(_mm256_add_ps(d0, d1)), q = hsum(_mm256_add_ps(q0, q1));
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(a[i]);
+    d += x * w[i];
+    q += x * x;
+  }
+  return {d, q};
+}
+
+template <typename T>
+MINDSKIP_AVX2 void norm_row_avx2(const T* src, const float* gamma, float rstd, T* dst, int64_t n) {
+  const __m256 r = _mm256_set1_ps(rstd);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    store8(dst + i, _mm256_mul_ps(_mm256_mul_ps(load8(src + i), r), _mm256_loadu_ps(gamma + i)));
+  }
+  norm_row_portable(src, gamma, rstd, dst, n, i);
+}
+
+template <typename T>
 MINDSKIP_AVX2 void add_row_avx2(const T* res, const T* val, const float* gate, T* dst, int64_t n) {
   int64_t i = 0;
   if (gate) {
@@ -135,6 +200,26 @@ inline acc_t dot(const T* a, const acc_t* w, int64_t n) {
   }
 #endif
   return dot_portable(a, w, n);
+}
+
+template <typename acc_t, typename T>
+inline std::pair<acc_t, acc_t> dot_sumsq(const T* a, const acc_t* w, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return dot_sumsq_avx2(a, w, n);
+  }
+#endif
+  return dot_sumsq_portable(a, w, n);
+}
+
+template <typename acc_t, typename T>
+inline void norm_row(const T* src, const acc_t* gamma, acc_t rstd, T* dst, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return norm_row_avx2(src, gamma, rstd, dst, n);
+  }
+#endif
+  norm_row_portable(src, gamma, rstd, dst, n);
 }
 
 template <typename acc_t, typename T>

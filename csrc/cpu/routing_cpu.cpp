@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -22,15 +23,32 @@ namespace {
 // Rows per parallel task: about 32 KiB of row data, so small inputs run on one thread.
 int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
 
-void router(const Tensor& z, const Tensor& weight, const Tensor& mask, double threshold, bool per_sequence,
-            Tensor& scores, Tensor& keep) {
-  check_router(z, weight, mask, threshold, scores, keep);
+// RMSNorm statistics: 1 / sqrt(mean(x^2) + eps).
+template <typename acc_t>
+acc_t rstd(acc_t sumsq, int64_t dim, double eps) {
+  return acc_t(1) / std::sqrt(sumsq / static_cast<acc_t>(dim) + static_cast<acc_t>(eps));
+}
+
+// The router logit of one row: z . w, or with gamma (w = gamma * w folded) rstd(z) * (z . w).
+template <typename acc_t, typename T>
+acc_t row_logit(const T* row, const acc_t* w, int64_t dim, bool norm, double eps) {
+  if (!norm) return dot(row, w, dim);
+  const auto [d, sq] = dot_sumsq(row, w, dim);
+  return d * rstd(sq, dim, eps);
+}
+
+void router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps, const Tensor& mask,
+            double threshold, bool per_sequence, Tensor& scores, Tensor& keep) {
+  check_router(z, weight, gamma, eps, mask, threshold, scores, keep);
   const Tensor zc = z.contiguous();
   const Tensor mc = mask.contiguous();
   const int64_t batch = z.size(0), seq = z.size(1), dim = z.size(2), rows = batch * seq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mindskip_router_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor w = weight.reshape(-1).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    Tensor w = weight.reshape(-1).to(acc_type);
+    w = (gamma.has_value() ? w.mul(gamma->to(acc_type)) : w).contiguous();
+    const bool norm = gamma.has_value();
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     const acc_t* wp = w.const_data_ptr<acc_t>();
     const bool* mp = mc.const_data_ptr<bool>();
@@ -40,7 +58,7 @@ void router(const Tensor& z, const Tensor& weight, const Tensor& mask, double th
     if (!per_sequence) {
       at::parallel_for(0, rows, row_grain(dim), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          const acc_t s = sigmoid(dot(zp + r * dim, wp, dim));
+          const acc_t s = sigmoid(row_logit(zp + r * dim, wp, dim, norm, eps));
           sp[r] = static_cast<float>(s);
           kp[r] = mp[r] && s >= thr;
         }
@@ -50,7 +68,7 @@ void router(const Tensor& z, const Tensor& weight, const Tensor& mask, double th
     // mean_t(z_t) . w == mean_t(z_t . w): per-token logits, then a masked mean per sequence.
     std::vector<acc_t> logits(rows);
     at::parallel_for(0, rows, row_grain(dim), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) logits[r] = mp[r] ? dot(zp + r * dim, wp, dim) : acc_t(0);
+      for (int64_t r = r0; r < r1; ++r) logits[r] = mp[r] ? row_logit(zp + r * dim, wp, dim, norm, eps) : acc_t(0);
     });
     at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / std::max<int64_t>(seq, 1)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -127,13 +145,38 @@ void gather(const Tensor& x, const Tensor& indices, Tensor& out) {
   const auto* src = static_cast<const char*>(xc.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* ip = ic.const_data_ptr<int64_t>();
-  at::parallel_for(0, total, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, total, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = ip[t];
       TORCH_CHECK_VALUE(r >= 0 && r < rows, "mindskip.gather: indices[", t, "] = ", r, " is out of range for x with ",
                         rows, " rows");
       std::memcpy(dst + t * row_bytes, src + r * src_stride, row_bytes);
     }
+  });
+}
+
+void gather_norm(const Tensor& x, const Tensor& gamma, double eps, const Tensor& indices, Tensor& out) {
+  check_gather_norm(x, gamma, eps, indices, out);
+  const Tensor xc = x.contiguous();
+  const Tensor ic = indices.contiguous();
+  const int64_t rows = x.size(0), dim = x.size(1), total = indices.size(0);
+  const int64_t* ip = ic.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mindskip_gather_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor g = gamma.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, total, row_grain(dim), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = ip[t];
+        TORCH_CHECK_VALUE(r >= 0 && r < rows, "mindskip.gather_norm: indices[", t, "] = ", r,
+                          " is out of range for x with ", rows, " rows");
+        const scalar_t* src = xp + r * dim;
+        norm_row(src, gp, rstd(dot_sumsq(src, gp, dim).second, dim, eps), op + t * dim, dim);
+      }
+    });
   });
 }
 
@@ -190,5 +233,6 @@ TORCH_LIBRARY_IMPL(mindskip, CPU, m) {
   m.impl("compact_counts", &mindskip::cpu::compact_counts);
   m.impl("compact", &mindskip::cpu::compact);
   m.impl("gather", &mindskip::cpu::gather);
+  m.impl("gather_norm", &mindskip::cpu::gather_norm);
   m.impl("scatter_add", &mindskip::cpu::scatter_add);
 }

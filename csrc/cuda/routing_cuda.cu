@@ -1,6 +1,7 @@
-// CUDA kernels of the routing pipeline: router (warp per token + block reduction per sequence), compaction
-// (block reduce, scan over sequences, block scan within each sequence), 16-byte vectorised gather and a
-// single-pass scatter-add (every output row written once: copied, or residual + scale * values).
+// CUDA kernels of the routing pipeline: router (warp per token, optional RMSNorm folded in, + block reduction
+// per sequence), compaction (block reduce, scan over sequences, block scan within each sequence), 16-byte
+// vectorised gather (and gather + RMSNorm) and a single-pass scatter-add (every output row written once:
+// copied, or residual + scale * values).
 // None of them synchronises with the host; compaction's caller reads T once (see backends/compiled.py).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,10 +22,16 @@ constexpr int kThreads = 256;
 
 // ---- router ----------------------------------------------------------------------------------------------
 
-// One warp per token: logit = z_row . w. Token granularity finishes here (score, keep); sequence
-// granularity stores the masked logit for router_sequence_kernel.
-template <typename T, typename acc_t, int VEC>
-__global__ void router_token_kernel(const T* __restrict__ z, const acc_t* __restrict__ w,
+template <typename acc_t>
+__device__ __forceinline__ acc_t rstd(acc_t sumsq, int64_t dim, double eps) {
+  return acc_t(1) / sqrt(sumsq / static_cast<acc_t>(dim) + static_cast<acc_t>(eps));
+}
+
+// One warp per token: logit = z_row . w (NORM: w = gamma * w and logit *= rstd(z_row), RMSNorm folded in).
+// Token granularity finishes here (score, keep); sequence granularity stores the masked logit for
+// router_sequence_kernel.
+template <typename T, typename acc_t, int VEC, bool NORM>
+__global__ void router_token_kernel(const T* __restrict__ z, const acc_t* __restrict__ w, double eps,
                                     const bool* __restrict__ mask, int64_t rows, int64_t dim, bool per_sequence,
                                     acc_t thr, float* __restrict__ scores, bool* __restrict__ keep,
                                     acc_t* __restrict__ logits) {
@@ -32,13 +39,18 @@ __global__ void router_token_kernel(const T* __restrict__ z, const acc_t* __rest
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; r < rows; r += warps) {
     const T* row = z + r * dim;
-    acc_t sum = 0;
+    acc_t sum = 0, sumsq = 0;
     for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
       const auto p = *reinterpret_cast<const Pack<T, VEC>*>(row + i);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t>(p.v[j]) * w[i + j];
+      for (int j = 0; j < VEC; ++j) {
+        const auto x = static_cast<acc_t>(p.v[j]);
+        sum += x * w[i + j];
+        if constexpr (NORM) sumsq += x * x;
+      }
     }
     sum = warp_sum(sum);
+    if constexpr (NORM) sum *= rstd(warp_sum(sumsq), dim, eps);
     if (lane == 0) {
       if (per_sequence) {
         logits[r] = mask[r] ? sum : acc_t(0);
@@ -76,9 +88,9 @@ __global__ void router_sequence_kernel(const acc_t* __restrict__ logits, const b
   }
 }
 
-void router(const Tensor& z, const Tensor& weight, const Tensor& mask, double threshold, bool per_sequence,
-            Tensor& scores, Tensor& keep) {
-  check_router(z, weight, mask, threshold, scores, keep);
+void router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps, const Tensor& mask,
+            double threshold, bool per_sequence, Tensor& scores, Tensor& keep) {
+  check_router(z, weight, gamma, eps, mask, threshold, scores, keep);
   const c10::cuda::CUDAGuard guard(z.device());
   const Tensor zc = z.contiguous();
   const Tensor mc = mask.contiguous();
@@ -88,22 +100,26 @@ void router(const Tensor& z, const Tensor& weight, const Tensor& mask, double th
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mindskip_router_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor w = weight.reshape(-1).to(acc_type).contiguous();
+    Tensor w = weight.reshape(-1).to(acc_type);
+    w = (gamma.has_value() ? w.mul(gamma->to(acc_type)) : w).contiguous();
     const Tensor logits = per_sequence ? at::empty({rows}, z.options().dtype(acc_type)) : Tensor();
     acc_t* lp = per_sequence ? logits.mutable_data_ptr<acc_t>() : nullptr;
     const auto thr = static_cast<acc_t>(threshold);
     const int64_t grid = grid_for(rows * kWarp, kThreads);
     constexpr int kVec = 16 / sizeof(scalar_t);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(zc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+      kernel<<<grid, kThreads, 0, stream>>>(zc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), eps,
                                             mc.const_data_ptr<bool>(), rows, dim, per_sequence, thr,
                                             scores.mutable_data_ptr<float>(), keep.mutable_data_ptr<bool>(), lp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec_ok(zc.const_data_ptr(), dim, sizeof(scalar_t), kVec)) {
-      launch(router_token_kernel<scalar_t, acc_t, kVec>);
+    const bool vec = vec_ok(zc.const_data_ptr(), dim, sizeof(scalar_t), kVec);
+    if (gamma.has_value()) {
+      vec ? launch(router_token_kernel<scalar_t, acc_t, kVec, true>)
+          : launch(router_token_kernel<scalar_t, acc_t, 1, true>);
     } else {
-      launch(router_token_kernel<scalar_t, acc_t, 1>);
+      vec ? launch(router_token_kernel<scalar_t, acc_t, kVec, false>)
+          : launch(router_token_kernel<scalar_t, acc_t, 1, false>);
     }
     if (per_sequence) {
       router_sequence_kernel<acc_t><<<batch, kThreads, 0, stream>>>(
@@ -252,6 +268,61 @@ void gather(const Tensor& x, const Tensor& indices, Tensor& out) {
   }
 }
 
+// One warp per packed row: RMS statistic of x[indices[t]], then the normalized row (fp32 math, one rounding).
+template <typename T, int VEC>
+__global__ void gather_norm_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ gamma, double eps,
+                                   const int64_t* __restrict__ idx, int64_t total, int64_t rows, int64_t dim,
+                                   T* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; t < total; t += warps) {
+    const int64_t r = idx[t];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < rows);
+    const T* row = x + r * dim;
+    acc_t sumsq = 0;
+    for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {
+      const P p = *reinterpret_cast<const P*>(row + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sumsq += static_cast<acc_t>(p.v[j]) * static_cast<acc_t>(p.v[j]);
+    }
+    const acc_t rs = rstd(warp_sum(sumsq), dim, eps);
+    for (int64_t i = static_cast<int64_t>(lane) * VEC; i < dim; i += kWarp * VEC) {  // second read hits L1/L2
+      P p = *reinterpret_cast<const P*>(row + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) p.v[j] = static_cast<T>(static_cast<acc_t>(p.v[j]) * rs * gamma[i + j]);
+      *reinterpret_cast<P*>(out + t * dim + i) = p;
+    }
+  }
+}
+
+void gather_norm(const Tensor& x, const Tensor& gamma, double eps, const Tensor& indices, Tensor& out) {
+  check_gather_norm(x, gamma, eps, indices, out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous(), ic = indices.contiguous();
+  const int64_t total = indices.size(0), dim = x.size(1);
+  if (out.numel() == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mindskip_gather_norm_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const Tensor g = gamma.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    auto launch = [&](auto kernel) {
+      kernel<<<grid_for(total * kWarp, kThreads), kThreads, 0, stream>>>(
+          xc.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), eps, ic.const_data_ptr<int64_t>(), total,
+          x.size(0), dim, out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec_ok(xc.const_data_ptr(), dim, sizeof(scalar_t), kVec) &&
+        vec_ok(out.const_data_ptr(), dim, sizeof(scalar_t), kVec)) {
+      launch(gather_norm_kernel<scalar_t, kVec>);
+    } else {
+      launch(gather_norm_kernel<scalar_t, 1>);
+    }
+  });
+}
+
 constexpr int kMaxRowsPerBlock = 64;
 
 // A block owns rows [r0, r0 + rows_per_block): each of its rows finds its packed slot (binary search in the
@@ -322,7 +393,8 @@ void scatter_add(const Tensor& residual, const Tensor& values, const Tensor& ind
                      vec_ok(vc.const_data_ptr(), dim, sizeof(scalar_t), kVec) &&
                      vec_ok(out.const_data_ptr(), dim, sizeof(scalar_t), kVec);
     const int64_t vecs = vec ? dim / kVec : dim;
-    const int rows_per_block = static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(2048, vecs), 1, kMaxRowsPerBlock));
+    const auto rows_per_block = static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(2048, vecs), 1,
+                                                                    kMaxRowsPerBlock));
     const int64_t grid = ceil_div<int64_t>(rows, rows_per_block);
     auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, 0, stream>>>(rc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
@@ -347,5 +419,6 @@ TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
   m.impl("compact_counts", &mindskip::cuda::compact_counts);
   m.impl("compact", &mindskip::cuda::compact);
   m.impl("gather", &mindskip::cuda::gather);
+  m.impl("gather_norm", &mindskip::cuda::gather_norm);
   m.impl("scatter_add", &mindskip::cuda::scatter_add);
 }

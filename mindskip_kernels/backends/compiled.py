@@ -28,11 +28,14 @@ KERNELS = {
     "router": "router",
     "compact": "compact",
     "gather": "gather",
+    "router_from_hidden": "router",
+    "gather_norm": "gather_norm",
     "scatter_add": "scatter_add",
     "decode_attention": "decode_attention",
     "varlen_attention": "varlen_attention",
 }
-ALL_OPS = ("router", "compact_counts", "compact", "gather", "scatter_add", "decode_attention", "varlen_attention")
+ALL_OPS = ("router", "compact_counts", "compact", "gather", "gather_norm", "scatter_add", "decode_attention",
+           "varlen_attention")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_FREE = ("compact", "gather")  # index work and byte copies: any dtype
 
@@ -88,7 +91,17 @@ def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold:
     """Fused score + decision: scores [B,N] float32, keep [B,N] bool (one pass over z)."""
     scores = empty(mask.shape, torch.float32, z.device)
     keep = empty(mask.shape, torch.bool, z.device)
-    torch.ops.mindskip.router(z, weight, mask, threshold, granularity == "sequence", scores, keep)
+    torch.ops.mindskip.router(z, weight, None, 0.0, mask, threshold, granularity == "sequence", scores, keep)
+    return scores, keep
+
+
+def router_from_hidden(x: torch.Tensor, gamma: torch.Tensor, eps: float, weight: torch.Tensor, mask: torch.Tensor,
+                       threshold: float, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`router` on RMSNorm(x) * gamma without writing the normalized rows: score = sigmoid(rstd * x . (gamma * w)),
+    one pass over the hidden states x [B,N,D] (inference; like the Triton backend's)."""
+    scores = empty(mask.shape, torch.float32, x.device)
+    keep = empty(mask.shape, torch.bool, x.device)
+    torch.ops.mindskip.router(x, weight, gamma, eps, mask, threshold, granularity == "sequence", scores, keep)
     return scores, keep
 
 
@@ -110,6 +123,13 @@ def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tenso
 def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     out = empty((indices.shape[0], x2d.shape[1]), x2d.dtype, x2d.device)
     torch.ops.mindskip.gather(x2d, indices, out)
+    return out
+
+
+def gather_norm(x2d: torch.Tensor, gamma: torch.Tensor, eps: float, indices: torch.Tensor) -> torch.Tensor:
+    """RMSNorm(x2d[indices]) * gamma -> [T, D], fp32 math and one rounding: only kept rows are normalized."""
+    out = empty((indices.shape[0], x2d.shape[1]), x2d.dtype, x2d.device)
+    torch.ops.mindskip.gather_norm(x2d, gamma, eps, indices, out)
     return out
 
 

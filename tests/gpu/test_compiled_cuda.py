@@ -84,6 +84,28 @@ def test_gather_scatter_exact(dtype, shape, pattern):
 
 
 @pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fused_norm_paths(dtype, shape, granularity):
+    """router_from_hidden and gather_norm: RMSNorm folded in, against rms_norm + reference in fp64."""
+    b, n, d = shape
+    x = (3 * torch.randn(b, n, d, device=DEV)).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(d, device=DEV)).to(dtype)
+    w = (torch.randn(d, device=DEV) / d**0.5).to(dtype)
+    mask = random_keep(b, n, "random", device=DEV)
+    scores, _ = compiled.router_from_hidden(x, gamma, 1e-5, w, mask, 0.5, granularity)
+    rms = torch.nn.functional.rms_norm
+    low = reference.router(rms(x, (d,), gamma, 1e-5), w, mask, 0.5, granularity)[0].float()
+    truth = reference.router(rms(x.double(), (d,), gamma.double(), 1e-5), w.double(), mask, 0.5, granularity)[0]
+    assert_within_rule(scores[mask], low[mask], truth[mask], "router_from_hidden scores")
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    x2d = x.reshape(-1, d)
+    out = compiled.gather_norm(x2d, gamma, 1e-5, idx)
+    assert_within_rule(out, rms(x2d, (d,), gamma, 1e-5)[idx], rms(x2d.double(), (d,), gamma.double(), 1e-5)[idx],
+                       "gather_norm")
+
+
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("lengths", [[0, 1, 57, 300], [1], [0, 0], [4096, 3000]])
 @pytest.mark.parametrize("heads", [(8, 2), (9, 3), (32, 8), (6, 6), (40, 4)])  # group 10 > 4 heads per block
 @pytest.mark.parametrize("dh", [64, 128, 80, 256])
@@ -163,6 +185,8 @@ def test_host_syncs():
         "router": lambda: compiled.router(z, w, mask, 0.5, "token"),
         "router_sequence": lambda: compiled.router(z, w, mask, 0.5, "sequence"),
         "gather": lambda: compiled.gather(x2d, idx),
+        "gather_norm": lambda: compiled.gather_norm(x2d, w, 1e-6, idx),
+        "router_from_hidden": lambda: compiled.router_from_hidden(z, w, 1e-6, w, mask, 0.5, "sequence"),
         "scatter_add": lambda: compiled.scatter_add(x2d, values, idx, scale),
         "decode_attention": lambda: compiled.decode_attention(q, kc, kc, lens, 0.125),
     }
