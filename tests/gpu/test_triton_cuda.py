@@ -27,7 +27,8 @@ from tests.test_triton import ATTN_GRAD_CASES, EPS, _check_grads, _rmsnorm
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEV = "cuda"
 SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64), (2, 300, 4096)]
-compiled_only = pytest.mark.skipif(INTERPRET, reason="Triton interpreter on: covered by the rerun test")
+compiled_only = pytest.mark.skipif(INTERPRET and torch.cuda.is_available(),
+                                   reason="Triton interpreter on: covered by the rerun test")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 if torch.cuda.is_available() and not INTERPRET:
     from mindskip_kernels.backends import triton as tri
