@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 Example = dict[str, str] | str
 Item = dict[str, torch.Tensor]
@@ -257,6 +258,7 @@ def router_tune(model: nn.Module, data: str | os.PathLike | Sequence[Example] | 
     model.train()
     wrapped = model
     if world > 1:
+        # A router whose layer skips every token gets no gradient when sparsity_weight = 0: allow unused ones.
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -272,27 +274,28 @@ def router_tune(model: nn.Module, data: str | os.PathLike | Sequence[Example] | 
 
     history: list[dict[str, float]] = []
     stream = batches()
-    bar = _progress(steps, progress and rank == 0)
+    bar = tqdm(total=steps, desc="router-tune", disable=not (progress and rank == 0))
     try:
         for step in range(1, steps + 1):
-            totals = torch.zeros(3)  # loss, lm loss, mean keep rate (summed over micro-batches)
+            totals = torch.zeros(3, device=device)  # loss, LM loss, mean keep rate, summed over micro-batches
             for micro in range(grad_accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                sync = micro == grad_accum - 1 or world == 1
-                with autocast, (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    lm_loss = wrapped(**batch, use_cache=False).loss
-                    rates = torch.stack([layer.mindskip.last_keep_rate.float() for layer in layers.values()])
-                    loss = lm_loss + sparsity_weight * rates.sum()
-                    if target_capacity is not None:
-                        loss = loss + torch.relu(rates - target_capacity).sum()
+                sync = micro == grad_accum - 1 or world == 1  # DDP all-reduces on the last micro-batch only
+                with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    with autocast:
+                        lm_loss = wrapped(**batch, use_cache=False).loss.float()
+                        rates = torch.stack([layer.mindskip.last_keep_rate.float() for layer in layers.values()])
+                        loss = lm_loss + sparsity_weight * rates.sum()
+                        if target_capacity is not None:
+                            loss = loss + torch.relu(rates - target_capacity).sum()
                     (loss / grad_accum).backward()
-                totals += torch.stack([loss.detach(), lm_loss.detach(), rates.detach().mean()]).cpu().float()
+                totals += torch.stack([loss.detach(), lm_loss.detach(), rates.detach().mean()])
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 torch.distributed.all_reduce(totals)
-            loss_v, lm_v, rate_v = (totals / (grad_accum * world)).tolist()
+            loss_v, lm_v, rate_v = (totals / (grad_accum * world)).tolist()  # one sync per step, for the log
             history.append({"step": step, "lr": schedule.get_last_lr()[0], "loss": loss_v, "lm_loss": lm_v,
                             "keep_rate": rate_v})
             bar.set_postfix(loss=f"{loss_v:.4f}", keep=f"{rate_v:.3f}")
@@ -303,12 +306,6 @@ def router_tune(model: nn.Module, data: str | os.PathLike | Sequence[Example] | 
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
     return history
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="router-tune", disable=not enabled)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
