@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--sparsity-weight", type=float, default=5e-3)
     p.add_argument("--target-capacity", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=0.5, help="below 0.5, zero routers start inside 'keep'")
     p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
     p.add_argument("--uniform-draws", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -106,7 +107,7 @@ def main() -> None:
           f" train {len(train)} blocks, held-out {len(held)} blocks of {args.seq_len} tokens")
 
     rows: list[tuple[str, EvalResult]] = [("dense", evaluate(model, held, batch_size=8))]
-    mk.apply_mindskip(model, layers=layer_ids, backend=args.backend)
+    mk.apply_mindskip(model, layers=layer_ids, threshold=args.threshold, backend=args.backend)
     t0 = time.perf_counter()
     history = router_tune(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           sparsity_weight=args.sparsity_weight, target_capacity=args.target_capacity,
@@ -114,7 +115,8 @@ def main() -> None:
     tune_s = time.perf_counter() - t0
     write_log(history, os.path.join(args.out, "tune_smollm2_log.csv"))
     plot_history(history, os.path.join(args.out, "tune_smollm2.png"),
-                 title=f"Router-Tuning SmolLM2-135M-Instruct on pydoc topics (lr {args.lr:g}, {args.steps} steps)")
+                 title=f"Router-Tuning SmolLM2-135M-Instruct on pydoc topics (lr {args.lr:g}, "
+                       f"threshold {args.threshold:g}, sparsity weight {args.sparsity_weight:g})")
     mk.save_routers(model, os.path.join(args.out, "tune_smollm2_routers"))
     tuned = evaluate(model, held, batch_size=8)
     rows.append(("tuned routers", tuned))
@@ -139,7 +141,8 @@ def main() -> None:
     table = [[name, f"{r.keep_rate:.3f}", f"{r.perplexity:.3f}", f"{r.perplexity / dense_ppl:.3f}"]
              for name, r in rows]
     print_table(header, table)
-    print(f"tuning: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}, sparsity weight "
+    print(f"tuning: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g}, threshold "
+          f"{args.threshold:g}, sparsity weight "
           f"{args.sparsity_weight:g}, target capacity {args.target_capacity}, {tune_s:.0f} s on {args.threads} "
           f"CPU thread(s); held-out {rows[0][1].tokens} tokens; tuned per-layer keep rates "
           + ", ".join(f"{i}:{k:.2f}" for i, k in tuned.keep_rates.items()))
