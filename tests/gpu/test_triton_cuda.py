@@ -2,8 +2,10 @@
 rule, exact for index work), bf16 included, plus a count of host syncs on the hot path. Skipped without CUDA.
 
 tests/conftest.py switches Triton's interpreter on for the CPU suite; the kernels here must be compiled, so
-when the interpreter is on this module reruns itself in a fresh process with TRITON_INTERPRET=0. Run
-directly with `TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_cuda.py -x -q`.
+when the interpreter is on this module reruns itself in a fresh process with TRITON_INTERPRET=0 (and
+MINDSKIP_TRITON_AUTOTUNE=0: the first config of each kernel, so the run is a quick check; the sm_90 build
+of every config is checked in tests/test_triton.py). Run directly with
+`TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_cuda.py -x -q`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ if torch.cuda.is_available() and not INTERPRET:
 
 @pytest.mark.skipif(not INTERPRET, reason="the compiled kernels run in this process")
 def test_rerun_without_interpreter():
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                          env=os.environ | {"TRITON_INTERPRET": "0"}, cwd=Path(__file__).resolve().parents[2],
-                          capture_output=True, text=True, timeout=1800)
+    env = os.environ | {"TRITON_INTERPRET": "0", "MINDSKIP_TRITON_AUTOTUNE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], env=env,
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-4000:]
 
 

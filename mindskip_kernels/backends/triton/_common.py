@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = not INTERPRET and os.environ.get("MINDSKIP_TRITON_AUTOTUNE", "1") != "0"
 
 
 def fix_bf16(dtype: torch.dtype) -> bool:
@@ -21,9 +22,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def autotune(configs: list[triton.Config], key: list[str]):
-    """triton.autotune over `configs` on a GPU, over the first one only in the interpreter (where timing
-    several configs fails). The first config is the default: keep it a good general choice."""
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+    """triton.autotune over `configs` on a GPU; over the first one only in the interpreter (where timing
+    several configs fails) or with MINDSKIP_TRITON_AUTOTUNE=0 (quick checks: no compile-and-time of every
+    config per new key). The first config is the default: keep it a good general choice."""
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
 
 
 def pow2(n: int, minimum: int = 16) -> int:

@@ -70,7 +70,7 @@ DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_
                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
 
 
-@autotune(DKDV_CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "GROUP"])
+@autotune(DKDV_CONFIGS, key=["BLOCK_D", "IS_CAUSAL"])
 @triton.jit
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, stride_qt,
                  stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
@@ -154,7 +154,7 @@ DQ_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_st
               triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3)]
 
 
-@autotune(DQ_CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "GROUP"])
+@autotune(DQ_CONFIGS, key=["BLOCK_D", "IS_CAUSAL"])
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh,
                stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q,

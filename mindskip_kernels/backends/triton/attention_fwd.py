@@ -65,7 +65,7 @@ CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stag
            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3)]
 
 
-@autotune(CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "GROUP"])
+@autotune(CONFIGS, key=["BLOCK_D", "IS_CAUSAL"])
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt,
                      stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, head_dim, qk_scale, GROUP,
