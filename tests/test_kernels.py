@@ -155,3 +155,11 @@ def test_decode_attention(backend, dtype, lengths, heads):
     varlen = mk.varlen_attention(q.to(dtype).double(), k_packed.to(dtype).double(), v_packed.to(dtype).double(),
                                  torch.arange(len(lengths) + 1).int(), cu_k, 1, max(lengths), backend="reference")
     torch.testing.assert_close(varlen, truth)
+
+
+def test_public_ops_compile_fullgraph():
+    """The public entry points (validation + dispatch) trace under torch.compile(fullgraph=True)."""
+    q, k, v, cu_q, cu_k = _varlen_inputs([5, 0, 9], [5, 0, 9], 4, 2, 16, torch.float32)
+    fn = torch.compile(lambda q, k, v: mk.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, backend="reference"),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), mk.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, backend="reference"))

@@ -16,12 +16,18 @@ NAMES = ("auto", "reference", "triton", "compiled")
 PREFERENCE = {"cuda": ("triton", "compiled", "reference"), "cpu": ("compiled", "reference")}
 
 
+_MODULES: dict[str, ModuleType | None] = {}
+
+
 def _module(name: str) -> ModuleType | None:
-    """The backend module, or None when it cannot be imported here (e.g. triton not installed)."""
-    try:
-        return importlib.import_module(f"mindskip_kernels.backends.{name}")
-    except ImportError:
-        return None
+    """The backend module, or None when it cannot be imported here (e.g. triton not installed). Imported
+    once: later calls are a dict lookup, which torch.compile can trace."""
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = importlib.import_module(f"mindskip_kernels.backends.{name}")
+        except ImportError:
+            _MODULES[name] = None
+    return _MODULES[name]
 
 
 def available() -> dict[str, bool]:
