@@ -79,12 +79,14 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
     kv_bytes = int(lens.sum()) * hkv * dh * es * 2
     out.append(Case("decode_attention", "decode_attention", dtype, f"B{b} S{s} H{hq}/{hkv} Dh{dh}", kv_bytes,
                     lambda m: m.decode_attention(q, kc, vc, lens, dh**-0.5)))
-    # varlen attention on kept tokens (causal), the prefill of a routed layer
+    # varlen attention on kept tokens (causal), the prefill of a routed layer: ragged lengths L/2..L
     lv = sz["L"]
-    cu = torch.arange(0, b + 1, device=device, dtype=torch.int32) * lv
-    qv = torch.randn(b * lv, hq, dh, device=device).to(dtype)
-    kv = torch.randn(b * lv, hkv, dh, device=device).to(dtype)
-    out.append(Case("varlen_attention", "varlen_attention", dtype, f"B{b} L{lv} H{hq}/{hkv} Dh{dh}",
+    lengths = torch.linspace(lv // 2, lv, b).long()
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int().to(device)
+    tv = int(lengths.sum())
+    qv = torch.randn(tv, hq, dh, device=device).to(dtype)
+    kv = torch.randn(tv, hkv, dh, device=device).to(dtype)
+    out.append(Case("varlen_attention", "varlen_attention", dtype, f"B{b} L{lv // 2}..{lv} H{hq}/{hkv} Dh{dh}",
                     (qv.numel() * 2 + kv.numel() * 2) * es,
                     lambda m: m.varlen_attention(qv, kv, kv, cu, cu, lv, lv, True, dh**-0.5)))
     return out

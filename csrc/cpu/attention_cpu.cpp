@@ -1,12 +1,14 @@
-// CPU attention kernels: decode (one query per sequence against a ragged KV cache) and varlen (packed
-// sequences, optionally causal, aligned bottom-right). Both reduce to one routine: a group of query heads
-// sharing one KV head (GQA) attends to n consecutive key rows, fp32 (fp64) accumulation.
+// CPU attention kernels: decode (one query per sequence against a ragged KV cache: a group of query heads
+// sharing one KV head (GQA) attends to the cached rows, fp32/fp64 accumulation, parallel over sequences and
+// KV heads) and varlen (packed sequences, optionally causal aligned bottom-right: blocked GEMMs per sequence).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../mindskip.h"
@@ -101,36 +103,47 @@ Tensor checked_offsets(const Tensor& cu, const char* name, int64_t rows, bool ex
   return c;
 }
 
+// Per sequence and block of kQueryBlock queries: the group's queries of each KV head as one GEMM against the
+// keys the block can see (BLAS through at::bmm, fp32/fp64), masked bottom-right, softmax, GEMM with V. Only
+// real rows are computed (no padding to the longest sequence); scratch is bounded by the query block.
 void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
                       const Tensor& cu_seqlens_k, bool causal, double softmax_scale, Tensor& out) {
   check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out);
-  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  constexpr int64_t kQueryBlock = 64;  // small enough that causal blocks skip most hidden keys
   const int64_t tq = q.size(0), hq = q.size(1), dh = q.size(2), hkv = k.size(1), group = hq / hkv;
   const Tensor cuq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", tq, true);
   const Tensor cuk = checked_offsets(cu_seqlens_k, "cu_seqlens_k", k.size(0), false);
   const int64_t* cq = cuq.const_data_ptr<int64_t>();
   const int64_t* ck = cuk.const_data_ptr<int64_t>();
-  std::vector<int64_t> seq_of(tq);  // sequence of each packed query row
-  for (int64_t b = 0; b + 1 < cuq.numel(); ++b) std::fill(seq_of.begin() + cq[b], seq_of.begin() + cq[b + 1], b);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mindskip_varlen_attention_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* qp = qc.const_data_ptr<scalar_t>();
-    const scalar_t* kp = kc.const_data_ptr<scalar_t>();
-    const scalar_t* vp = vc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tq * hkv, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<acc_t> buf;
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t t = w / hkv, h = w % hkv, b = seq_of[t];
-        const int64_t len_q = cq[b + 1] - cq[b], len_k = ck[b + 1] - ck[b], i = t - cq[b];
-        const int64_t n = causal ? std::clamp<int64_t>(i + len_k - len_q + 1, 0, len_k) : len_k;
-        const Rows<scalar_t> kr{kp + ck[b] * hkv * dh + h * dh, hkv * dh};
-        const Rows<scalar_t> vr{vp + ck[b] * hkv * dh + h * dh, hkv * dh};
-        const int64_t head = (t * hq + h * group) * dh;
-        attend(qp + head, group, kr, vr, n, dh, static_cast<acc_t>(softmax_scale), op + head, buf);
+  const auto acc_type = at::toOpMathType(q.scalar_type());
+  for (int64_t b = 0; b + 1 < cuq.numel(); ++b) {
+    const int64_t len_q = cq[b + 1] - cq[b], len_k = ck[b + 1] - ck[b];
+    for (int64_t q0 = 0; q0 < len_q; q0 += kQueryBlock) {
+      const int64_t nq = std::min(kQueryBlock, len_q - q0);
+      // query i sees keys j <= i + len_k - len_q (bottom-right); the block's last query sees the most
+      const int64_t nk = causal ? std::clamp<int64_t>(q0 + nq + len_k - len_q, 0, len_k) : len_k;
+      Tensor dst = out.narrow(0, cq[b] + q0, nq);
+      if (nk == 0) {
+        dst.zero_();
+        continue;
       }
-    });
-  });
+      // [hkv, nq * group, dh]: row r is query q0 + r / group, head h * group + r % group
+      const Tensor qs = q.narrow(0, cq[b] + q0, nq).to(acc_type).view({nq, hkv, group, dh}).permute({1, 0, 2, 3})
+                            .reshape({hkv, nq * group, dh});
+      const Tensor ks = k.narrow(0, ck[b], nk).to(acc_type).transpose(0, 1);  // [hkv, nk, dh]
+      const Tensor vs = v.narrow(0, ck[b], nk).to(acc_type).transpose(0, 1);
+      Tensor logits = at::bmm(qs, ks.transpose(1, 2)).mul_(softmax_scale);  // [hkv, nq * group, nk]
+      if (causal) {
+        const Tensor last = at::arange(nq * group, logits.options().dtype(at::kLong)).div_(group, "floor")
+                                .add_(q0 + len_k - len_q).unsqueeze(1);
+        const Tensor hidden = at::arange(nk, last.options()).unsqueeze(0).gt(last);  // [nq * group, nk]
+        logits.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+      }
+      const Tensor probs = logits.softmax(-1).nan_to_num_(0.0);  // a query that sees no key -> zeros
+      const Tensor o = at::bmm(probs, vs).view({hkv, nq, group, dh}).permute({1, 0, 2, 3}).reshape({nq, hq, dh});
+      dst.copy_(o);
+    }
+  }
 }
 
 }  // namespace
