@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check (issue 4): build _C with CUDA, run tests/gpu, benchmark the kernels and one layer on CUDA,
-# print one summary. Sized for < 8 minutes on one H100/H200 (build ~2-3 min for one arch with 16 jobs).
+# print one summary. Sized for < 8 minutes on one H100/H200: the step limits add up to 8 min, a normal
+# run takes ~4-5 (the build, one arch with 16 jobs, is the longest step).
 #
 #   bash benchmarks/gpu_check.sh            # results (CSV, PNG, logs) in $OUT or benchmarks/results/gpu
 #
@@ -28,14 +29,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $results
   return 0
 }
 
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+  echo "gpu_check: python here has no CUDA torch or sees no GPU (need the CUDA build of torch)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/gpu.txt"
-step build 300 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
+step build 180 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
   pip install -q --no-deps --no-build-isolation -e .
-step info 60 python -m mindskip_kernels info
+step info 30 python -m mindskip_kernels info
 step tests_gpu 150 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
-step bench_kernels 90 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
+step bench_kernels 60 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
   --csv "$results/kernels.csv" --plot "$results/kernels.png"
-step bench_layer 90 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
+step bench_layer 60 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
   --csv "$results/layer.csv" --plot "$results/layer.png"
 
 echo
@@ -43,4 +46,6 @@ echo "== summary ($(cat "$results/gpu.txt")) =="
 printf '%s\n' "${summary[@]}"
 echo "tests: $(grep -E '(passed|failed)' "$results/tests_gpu.log" | tail -1)"
 echo "kernel speedups over the reference (p50):"
-grep -E '^\| .*\| (compiled|triton) ' "$results/bench_kernels.log" | awk -F'|' '{printf "  %-18s %-9s %-9s %8s ms  %7s GB/s  x%s\n", $2, $3, $5, $6, $9, $10}'
+grep -E '^\|.*\| +(compiled|triton) \|' "$results/bench_kernels.log" \
+  | awk -F'|' '{for (i = 2; i <= 10; i++) gsub(/^ +| +$/, "", $i);
+                printf "  %-20s %-9s %-9s %9s ms %8s GB/s  x%s\n", $2, $3, $5, $6, $9, $10}'
