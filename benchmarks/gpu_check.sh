@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check (issue 4): build _C with CUDA, run tests/gpu, benchmark the kernels and one layer on CUDA,
+# One GPU check: build _C with CUDA, run tests/gpu, benchmark the kernels, one layer and the 8B model on CUDA,
 # print one summary. Sized for < 8 minutes on one H100/H200: the step limits add up to 8 min, a normal
 # run takes ~4-5 (the build, one arch with 16 jobs, is the longest step).
 #
@@ -32,14 +32,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $results
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "gpu_check: python here has no CUDA torch or sees no GPU (need the CUDA build of torch)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/gpu.txt"
-step build 180 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
+step build 150 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
   pip install -q --no-deps --no-build-isolation -e .
-step info 30 python -m mindskip_kernels info
-step tests_gpu 150 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
-step bench_kernels 60 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
+step info 20 python -m mindskip_kernels info
+step tests_gpu 150 env MINDSKIP_TRITON_AUTOTUNE=0 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
+step bench_kernels 50 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
   --csv "$results/kernels.csv" --plot "$results/kernels.png"
-step bench_layer 60 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
+step bench_layer 50 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
   --csv "$results/layer.csv" --plot "$results/layer.png"
+step bench_e2e 60 python benchmarks/bench_e2e.py --model llama3-8b --seq-len 2048 --skip 0.5 --decode-steps 16 --repeats 2 \
+  --csv "$results/e2e.csv" --plot "$results/e2e.png"
 
 echo
 echo "== summary ($(cat "$results/gpu.txt")) =="
