@@ -488,6 +488,7 @@ def _eval_command(args) -> int:
     items = _items(args.data, tokenizer, args.max_length)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
+        evaluate(model, items[: args.batch_size], batch_size=args.batch_size)  # warm-up, untimed
         dense = evaluate(model, items, batch_size=args.batch_size)
         load_routers(model, args.routers, backend=args.backend)
         routed = evaluate(model, items, batch_size=args.batch_size)
