@@ -1,6 +1,6 @@
 """The main job: a Llama-shaped model, dense vs MindSkip at the paper's setting, prefill and decode, side by side.
 
-    python benchmarks/bench_e2e.py                    # CPU: small Llama (8 layers, hidden 512), 1 x 1024 tokens
+    python benchmarks/bench_e2e.py                    # CPU: small Llama (8 layers, hidden 512), 1 x 2048 tokens
     python benchmarks/bench_e2e.py --model llama3-8b  # default on CUDA: Llama-3-8B shapes, bf16, random weights
     python benchmarks/bench_e2e.py --skip 0 0.25 0.5 0.75 --csv out.csv --plot out.png
 
@@ -60,7 +60,7 @@ def calibrate(model: torch.nn.Module, ids: torch.Tensor, skip: float) -> None:
 
 
 def prefill(model, ids, cache_fn):
-    return model(ids, cache=cache_fn(), use_cache=True)
+    return model(ids, cache=cache_fn(), use_cache=True, logits_to_keep=1)  # as generate() does
 
 
 def decode(model, ids, cache_fn, steps: int):
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face model directory")
     p.add_argument("--skip", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                    help="fractions of tokens skipped in each routed layer")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if cuda else "float32")

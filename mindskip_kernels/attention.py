@@ -74,6 +74,8 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     if training:
         gate = gate + (plan.scores - plan.scores.detach())
     keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+    if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
+        return base.clone(), plan, keep_rate
     values = attend(gather(z, plan, backend=backend), plan)
     scale = gate.reshape(-1).index_select(0, plan.indices) if training else None
     out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)

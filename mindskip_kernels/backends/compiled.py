@@ -82,8 +82,14 @@ def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if op not in DTYPE_FREE and dtype not in FLOAT_DTYPES:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{KERNELS[op]}", key)
+    return _registered(KERNELS[op], device.type)
+
+
+@functools.cache
+def _registered(kernel: str, device_type: str) -> bool:
+    """Whether torch.ops.mindskip.<kernel> has an implementation for the device type (asked once: hot path)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{kernel}", key)
 
 
 def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
