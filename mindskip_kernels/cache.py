@@ -135,8 +135,8 @@ class RoutedKVLayer(CacheLayerMixin):
         seq = self.append(k, v, plan)
         if plan.seq_len == 1:
             width = self.block_table.shape[1] * self.block_size
-            blocks = self.block_table.index_select(0, seq).long()  # [T, max_blocks]
-            kc, vc = (pool[blocks].view(seq.shape[0], width, self.num_kv_heads, self.head_dim)
+            blocks = self.block_table.index_select(0, seq).flatten()  # the kept sequences' block tables
+            kc, vc = (pool.index_select(0, blocks).view(seq.shape[0], width, self.num_kv_heads, self.head_dim)
                       for pool in (self.pool_k, self.pool_v))
             return decode_attention(q, kc, vc, self.lengths.index_select(0, seq), softmax_scale=softmax_scale,
                                     backend=backend)
