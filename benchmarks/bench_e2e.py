@@ -23,7 +23,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
-from benchmarks.harness import Row, device_name, measure, print_table, write_csv  # noqa: E402
+from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
 from mindskip_kernels.integrations.hf import mindskip_layers, new_cache  # noqa: E402
 
 PRESETS = {
@@ -48,27 +48,27 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn
 
 
 def calibrate(model: torch.nn.Module, ids: torch.Tensor, skip: float) -> None:
-    """Set each routed layer's threshold to the `skip` quantile of its scores on `ids` (threshold 1 skips all)."""
+    """Set each routed layer's threshold to the `skip` quantile of its scores on `ids`, layer by layer (a
+    layer's input depends on what the earlier ones skipped); skip >= 1 skips everything."""
     layers = mindskip_layers(model)
     for layer in layers.values():
-        layer.mindskip.threshold = 0.0
-    with torch.no_grad():
-        model(ids, use_cache=False)
+        layer.mindskip.threshold = 1.0 if skip >= 1 else 0.0
+    if not 0 < skip < 1:
+        return
     for layer in layers.values():
-        scores = layer.mindskip.last_plan.scores.flatten().double()
-        layer.mindskip.threshold = 1.0 if skip >= 1 else float(torch.quantile(scores, skip)) if skip > 0 else 0.0
+        with torch.no_grad():
+            model(ids, use_cache=False, logits_to_keep=1)
+        layer.mindskip.threshold = float(torch.quantile(layer.mindskip.last_plan.scores.flatten().double(), skip))
 
 
 def prefill(model, ids, cache_fn):
     return model(ids, cache=cache_fn(), use_cache=True, logits_to_keep=1)  # as generate() does
 
 
-def decode(model, ids, cache_fn, steps: int):
-    """Prefill, then `steps` greedy steps; returns the cache (timed separately from prefill by the caller)."""
-    out = prefill(model, ids, cache_fn)
-    cache = out.cache
-    nxt = out.logits[:, -1:].argmax(-1)
-    pos = torch.full_like(nxt, ids.shape[1])
+def decode(model, prefilled, steps: int):
+    """`steps` greedy decode steps after a prefill's output; returns the cache."""
+    cache, nxt = prefilled.cache, prefilled.logits[:, -1:].argmax(-1)
+    pos = torch.full_like(nxt, cache.get_seq_length())
     for _ in range(steps):
         out = model(nxt, cache=cache, use_cache=True, position_ids=pos)
         nxt, pos = out.logits[:, -1:].argmax(-1), pos + 1
@@ -111,22 +111,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"{args.batch} x {args.seq_len} tokens, {args.dtype}, {dev}, backend={args.backend}")
 
     def timings(m, cache_fn):
+        """(prefill ms, decode ms per step), the decode loop timed alone after an untimed prefill."""
         t_pre = measure(lambda: prefill(m, ids, cache_fn), device, warmup=1, repeats=args.repeats)
-        t_all = measure(lambda: decode(m, ids, cache_fn, steps), device, warmup=1, repeats=args.repeats)
-        return t_pre, tuple(max(a - b, 1e-9) / steps for a, b in zip(t_all, t_pre, strict=True))
+        t_dec = measure(lambda out: decode(m, out, steps), device, warmup=1, repeats=args.repeats,
+                        setup=lambda: prefill(m, ids, cache_fn))
+        return t_pre, tuple(t / steps for t in t_dec)
+
+    def dense_cache():
+        return transformers.DynamicCache(config=dense.config)
 
     rows, table = [], []
     with torch.no_grad():
-        dense_pre, dense_dec = timings(dense, lambda: transformers.DynamicCache(config=dense.config))
         calibrate(model, ids, 1.0)
         none_pre, none_dec = timings(model, lambda: new_cache(model))  # every routed attention skipped
-        rows += [Row("e2e", "dense", "prefill", "time", "ms", "0", *dense_pre, dev),
-                 Row("e2e", "dense", "decode", "time", "ms/token", "0", *dense_dec, dev)]
-        for skip in args.skip:
+        for skip in args.skip:  # dense is re-measured next to each point: the machine's speed drifts
+            dense_pre, dense_dec = timings(dense, dense_cache)
             calibrate(model, ids, skip)
             pre, dec = timings(model, lambda: new_cache(model))
-            cache = decode(model, ids, lambda: new_cache(model), steps)
-            rows += [Row("e2e", "mindskip", "prefill", "time", "ms", f"{skip}", *pre, dev),
+            cache = decode(model, prefill(model, ids, lambda: new_cache(model)), steps)
+            rows += [Row("e2e", "dense", "prefill", "time", "ms", f"{skip}", *dense_pre, dev),
+                     Row("e2e", "dense", "decode", "time", "ms/token", f"{skip}", *dense_dec, dev),
+                     Row("e2e", "mindskip", "prefill", "time", "ms", f"{skip}", *pre, dev),
                      Row("e2e", "mindskip", "decode", "time", "ms/token", f"{skip}", *dec, dev)]
             for phase, d, n, m in (("prefill", dense_pre, none_pre, pre), ("decode", dense_dec, none_dec, dec)):
                 ideal = d[0] / max(d[0] - skip * max(d[0] - n[0], 0.0), 1e-9)
@@ -145,10 +150,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def plot(table: list[list], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for phase, marker in (("prefill", "o"), ("decode", "s")):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import Row, device_name, measure, print_table, write_csv  # noqa: E402
+from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
 from mindskip_kernels.backends import available  # noqa: E402
 
 
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(table: list[list[object]], path: str, title: str) -> None:
     """Bar chart of the speedup over the reference, one bar per (op, dtype, backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] != "reference"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars)), 4))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
-from benchmarks.harness import Row, device_name, measure, print_table, write_csv  # noqa: E402
+from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
 from mindskip_kernels.attention import MindSkipAttention, apply_rope, rope_cos_sin  # noqa: E402
 
 
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def plot(table: list[list], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     skips = [float(r[0].rstrip("%")) for r in table]
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -48,25 +48,30 @@ class Row:
     timestamp: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
-            min_time_s: float = 0.0) -> tuple[float, float, float]:
-    """(p50, p20, p80) of fn's wall time in milliseconds; CUDA events on GPU."""
+def measure(fn: Callable[..., object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
+            min_time_s: float = 0.0, setup: Callable[[], object] | None = None) -> tuple[float, float, float]:
+    """(p50, p20, p80) of fn's wall time in milliseconds; CUDA events on GPU. With `setup`, each call is
+    fn(setup()) and only fn is timed (e.g. a decode loop after an untimed prefill)."""
+    def once() -> float:
+        args = () if setup is None else (setup(),)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1e3
+
     for _ in range(warmup):
-        fn()
+        once()
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time_s:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(once())
     if len(times) == 1:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
@@ -80,6 +85,16 @@ def write_csv(rows: list[Row], path: str) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
