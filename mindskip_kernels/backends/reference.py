@@ -106,11 +106,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence against its cached keys 0..cache_seqlens[b]-1; length 0 gives zeros.
     q [B, Hq, Dh], caches [B, S, Hkv, Dh]; returns [B, Hq, Dh]."""
     ct = compute_dtype(q.dtype)
-    group = q.shape[1] // k_cache.shape[2]
-    k = k_cache.to(ct).repeat_interleave(group, dim=2)  # [B, S, Hq, Dh]
-    v = v_cache.to(ct).repeat_interleave(group, dim=2)
-    logits = torch.einsum("bhd,bshd->bhs", q.to(ct), k) * softmax_scale
-    valid = torch.arange(k.shape[1], device=q.device) < cache_seqlens.long().unsqueeze(1)  # [B, S]
-    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    batch, hq, dh = q.shape
+    hkv = k_cache.shape[2]
+    qg = q.to(ct).view(batch, hkv, hq // hkv, dh)  # query head h reads kv head h // group
+    logits = torch.einsum("bhgd,bshd->bhgs", qg, k_cache.to(ct)) * softmax_scale
+    valid = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens.long().unsqueeze(1)  # [B, S]
+    logits = logits.masked_fill(~valid.view(batch, 1, 1, -1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-    return torch.einsum("bhs,bshd->bhd", probs, v).to(q.dtype)
+    return torch.einsum("bhgs,bshd->bhgd", probs, v_cache.to(ct)).reshape(batch, hq, dh).to(q.dtype)
