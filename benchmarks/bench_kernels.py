@@ -1,5 +1,6 @@
 """Each routing/attention kernel per available backend against the plain PyTorch sequence (the reference
-backend: matmul + sigmoid, nonzero + cumsum, index_select, index_add, einsum softmax).
+backend: matmul + sigmoid, nonzero + cumsum, index_select, index_add, padded SDPA), and on CUDA varlen
+attention also against torch's varlen_attn, compiled FlexAttention and flash-attn (benchmarks/baselines.py).
 
     python benchmarks/bench_kernels.py                 # CPU, or CUDA when present; < 1 min on CPU
     python benchmarks/bench_kernels.py --smoke         # tiny sizes, a few seconds (CI)
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import baselines  # noqa: E402
 from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
 from mindskip_kernels.backends import available  # noqa: E402
 
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     sz = sizes(device, args.smoke)
     repeats = 3 if args.smoke else 10
     modules = {name: importlib.import_module(f"mindskip_kernels.backends.{name}") for name in providers(device)}
+    modules |= baselines.available(device)  # external varlen attention libraries, side by side (CUDA)
     all_cases = [compaction_case(device, sz)]
     for name in args.dtypes.split(","):
         all_cases += cases(device, getattr(torch, name), sz)
