@@ -10,8 +10,9 @@ from mindskip_kernels.backends import available
 _AVAILABLE = available()
 
 
-def backend_params(device: str = "cpu") -> list:
-    """Every non-reference backend as a pytest param, skipped where it cannot run on `device`."""
+def backend_params(device: str = "cpu", *, reference: bool = True, skip: dict[str, str | None] | None = None) -> list:
+    """Every non-reference backend as a pytest param (after "reference" unless reference=False), skipped where
+    it cannot run on `device` or where `skip` gives it a reason (None: no extra reason)."""
     params = []
     for name in ("compiled", "triton"):
         reason = None
@@ -19,8 +20,10 @@ def backend_params(device: str = "cpu") -> list:
             reason = f"backend {name!r} not available in this install"
         elif device == "cuda" and not torch.cuda.is_available():
             reason = "needs CUDA"
+        elif skip and skip.get(name):
+            reason = skip[name]
         params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
-    return [pytest.param("reference")] + params
+    return ([pytest.param("reference")] if reference else []) + params
 
 
 def random_keep(batch: int, seq_len: int, pattern: str, device: str = "cpu") -> torch.Tensor:

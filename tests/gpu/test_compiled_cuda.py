@@ -1,5 +1,6 @@
-"""The compiled backend's CUDA kernels against the reference (fp64 truth, the tolerance rule, exact for index
-work), on the awkward sizes of design.md s.4, plus host-sync counting. Skipped without CUDA.
+"""The compiled backend's CUDA-only checks: the fused-norm paths, a strided cache for decode, CPU vs CUDA
+kernels, device errors and host-sync counting. The checks every backend shares (router, compaction,
+gather/scatter-add, attention, decode) are in test_ops_cuda.py. Skipped without CUDA.
 
 Written to run first time on a GPU: every comparison names what differs; run with
 `python -m pytest tests/gpu/test_compiled_cuda.py -x -q`.
@@ -7,80 +8,19 @@ Written to run first time on a GPU: every comparison names what differs; run wit
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-import mindskip_kernels as mk
 from mindskip_kernels.backends import compiled, reference
+from tests.gpu.cuda_harness import DEV, SHAPES, count_syncs, needs_cuda
 from tests.harness import assert_within_rule, random_keep
+from tests.test_kernels import LOW
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    needs_cuda,
     pytest.mark.skipif(not compiled.build_info().get("cuda"), reason="_C built without CUDA kernels"),
 ]
-
-DEV = "cuda"
-LOW = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64), (2, 300, 4096), (2, 33, 41)]  # D=41: unvectorised path
-PATTERNS = ["random", "all", "none", "empty_seq"]
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_router(dtype, shape, granularity):
-    b, n, d = shape
-    z = torch.randn(b, n, d, device=DEV).to(dtype)
-    w = (torch.randn(d, device=DEV) / d**0.5).to(dtype)
-    mask = torch.ones(b, n, dtype=torch.long, device=DEV)
-    mask[-1, : n // 3] = 0
-    plan = mk.route(z, w, granularity=granularity, attention_mask=mask, backend="compiled")
-    low = mk.route(z, w, granularity=granularity, attention_mask=mask, backend="reference")
-    truth = mk.route(z.double(), w.double(), granularity=granularity, attention_mask=mask, backend="reference")
-    real = mask.bool()
-    assert_within_rule(plan.scores[real], low.scores[real], truth.scores[real].double(), "scores")
-    clear = (truth.scores - 0.5).abs() > 1e-3
-    assert torch.equal(plan.keep[clear], truth.keep[clear]), "keep decisions differ away from the threshold"
-    assert not plan.keep[~real].any(), "padding must never be kept"
-
-
-@pytest.mark.parametrize("shape", SHAPES + [(600, 7, 8)])  # B=600 > one scan block of sequences
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
-def test_compaction_exact(shape, pattern, pos_dtype):
-    b, n, _ = shape
-    keep = random_keep(b, n, pattern, device=DEV)
-    positions = torch.randint(0, 10 * n, (b, n), device=DEV, dtype=pos_dtype)
-    got = compiled.compact(keep, positions)
-    want = reference.compact(keep, positions)
-    for name, g, r in zip(("indices", "cu_seqlens", "positions"), got, want, strict=True):
-        assert g.dtype == r.dtype and torch.equal(g, r), f"{name} differs"
-    # expanded position ids (stride 0 over the batch), as route() passes them
-    expanded = torch.arange(n, device=DEV).expand(b, n)
-    assert torch.equal(compiled.compact(keep, expanded)[2], reference.compact(keep, expanded)[2])
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_gather_scatter_exact(dtype, shape, pattern):
-    b, n, d = shape
-    keep = random_keep(b, n, pattern, device=DEV)
-    idx = keep.reshape(-1).nonzero().squeeze(1)
-    x = torch.randn(b * n, d, device=DEV).to(dtype)
-    assert torch.equal(compiled.gather(x, idx), x[idx]), "gather"
-    assert torch.equal(compiled.gather(x[:, 1:], idx), x[:, 1:][idx]), "gather from a strided (unaligned) view"
-    residual = torch.randn(b * n, d, device=DEV).to(dtype)
-    before = residual.clone()
-    values = torch.randn(idx.numel(), d, device=DEV).to(dtype)
-    scale = torch.rand(idx.numel(), device=DEV)
-    for s in (None, scale):
-        out = compiled.scatter_add(residual, values, idx, s)
-        assert torch.equal(out, reference.scatter_add(residual, values, idx, s)), f"scatter_add (scale={s is not None})"
-    assert torch.equal(residual, before), "residual must not be modified"
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -103,23 +43,6 @@ def test_fused_norm_paths(dtype, shape, granularity):
     out = compiled.gather_norm(x2d, gamma, 1e-5, idx)
     assert_within_rule(out, rms(x2d, (d,), gamma, 1e-5)[idx], rms(x2d.double(), (d,), gamma.double(), 1e-5)[idx],
                        "gather_norm")
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("lengths", [[0, 1, 57, 300], [1], [0, 0], [4096, 3000]])
-@pytest.mark.parametrize("heads", [(8, 2), (9, 3), (32, 8), (6, 6), (40, 4)])  # group 10 > 4 heads per block
-@pytest.mark.parametrize("dh", [64, 128, 80, 256])
-def test_decode_attention(dtype, lengths, heads, dh):
-    hq, hkv = heads
-    s = max(lengths) + 3
-    q = torch.randn(len(lengths), hq, dh, device=DEV).to(dtype)
-    kc = torch.randn(len(lengths), s, hkv, dh, device=DEV).to(dtype)
-    vc = torch.randn(len(lengths), s, hkv, dh, device=DEV).to(dtype)
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    out = mk.decode_attention(q, kc, vc, lens, backend="compiled")
-    ref = mk.decode_attention(q, kc, vc, lens, backend="reference")
-    truth = mk.decode_attention(q.double(), kc.double(), vc.double(), lens, backend="reference")
-    assert_within_rule(out, ref, truth, "decode")
 
 
 def test_decode_attention_strided_cache():
@@ -154,19 +77,6 @@ def test_device_mismatch_raises():
                                                                                       device=DEV), 0.5, "token")
 
 
-def _count_syncs(fn) -> int:
-    """Host-device synchronisations fn performs (torch.cuda sync debug mode, 'warn' records each one)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def test_host_syncs():
     """Router, gather, scatter-add and decode attention never sync; compaction syncs once (T = its shape)."""
     b, n, d = 4, 512, 256
@@ -191,6 +101,5 @@ def test_host_syncs():
         "decode_attention": lambda: compiled.decode_attention(q, kc, kc, lens, 0.125),
     }
     for name, fn in calls.items():
-        fn()
-        assert _count_syncs(fn) == 0, f"{name} synchronised with the host"
-    assert _count_syncs(lambda: compiled.compact(keep, pos)) == 1, "compaction must sync exactly once (for T)"
+        assert count_syncs(fn) == 0, f"{name} synchronised with the host"
+    assert count_syncs(lambda: compiled.compact(keep, pos)) == 1, "compaction must sync exactly once (for T)"

@@ -1,20 +1,14 @@
-"""The Triton backend's compiled kernels on CUDA tensors against the reference (fp64 truth, the tolerance
-rule, exact for index work), bf16 included, plus a count of host syncs on the hot path. Skipped without CUDA.
+"""The Triton backend's CUDA-only checks against the reference (fp64 truth, the tolerance rule): the fused-norm
+paths, attention backward, a MindSkip layer's gradients, and a count of host syncs on the hot path. The checks
+every backend shares (router, compaction, gather/scatter-add, attention forward, decode) are in
+test_ops_cuda.py. Skipped without CUDA.
 
-tests/conftest.py switches Triton's interpreter on for the CPU suite; the kernels here must be compiled, so
-when the interpreter is on this module reruns itself in a fresh process with TRITON_INTERPRET=0 (and
-MINDSKIP_TRITON_AUTOTUNE=0: the first config of each kernel, so the run is a quick check; the sm_90 build
-of every config is checked in tests/test_triton.py). Run directly with
+The kernels here must be compiled: with Triton's interpreter on (tests/conftest.py) this module reruns itself
+without it (tests/gpu/cuda_harness.py). Run directly with
 `TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_cuda.py -x -q`.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,49 +16,32 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.attention import MindSkipAttention
 from mindskip_kernels.backends import reference
+from tests.gpu.cuda_harness import (
+    DEV,
+    HAS_CUDA,
+    INTERPRET,
+    SHAPES,
+    count_syncs,
+    needs_cuda,
+    rerun_only_with_interpreter,
+    rerun_without_interpreter,
+    triton_compiled_only,
+)
 from tests.harness import assert_within_rule, random_keep
-from tests.test_kernels import ATTN_CASES, LOW, PATTERNS
+from tests.test_kernels import LOW
 from tests.test_triton import ATTN_GRAD_CASES, EPS, _check_grads, _rmsnorm
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEV = "cuda"
-SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64), (2, 300, 4096)]
-compiled_only = pytest.mark.skipif(INTERPRET and torch.cuda.is_available(),
-                                   reason="Triton interpreter on: covered by the rerun test")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-if torch.cuda.is_available() and not INTERPRET:
+pytestmark = [pytest.mark.gpu, needs_cuda]
+if HAS_CUDA and not INTERPRET:
     from mindskip_kernels.backends import triton as tri
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the compiled kernels run in this process")
+@rerun_only_with_interpreter
 def test_rerun_without_interpreter():
-    env = os.environ | {"TRITON_INTERPRET": "0", "MINDSKIP_TRITON_AUTOTUNE": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], env=env,
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-4000:]
+    rerun_without_interpreter(__file__)
 
 
-@compiled_only
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_router(dtype, shape, granularity):
-    b, n, d = shape
-    z = torch.randn(b, n, d, device=DEV).to(dtype)
-    w = (torch.randn(d, device=DEV) / d**0.5).to(dtype)
-    mask = torch.ones(b, n, dtype=torch.long, device=DEV)
-    mask[-1, : n // 3] = 0
-    plan = mk.route(z, w, granularity=granularity, attention_mask=mask, backend="triton")
-    low = mk.route(z, w, granularity=granularity, attention_mask=mask, backend="reference")
-    truth = mk.route(z.double(), w.double(), granularity=granularity, attention_mask=mask, backend="reference")
-    real = mask.bool()
-    assert_within_rule(plan.scores[real], low.scores[real], truth.scores[real].double(), "scores")
-    clear = (truth.scores - 0.5).abs() > 1e-3
-    assert torch.equal(plan.keep[clear], truth.keep[clear])
-    assert not plan.keep[~real].any()
-
-
-@compiled_only
+@triton_compiled_only
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_router_from_hidden(dtype, granularity):
@@ -80,68 +57,22 @@ def test_router_from_hidden(dtype, granularity):
     assert_within_rule(scores[mask], low[mask], truth[mask], "scores")
 
 
-@compiled_only
-@pytest.mark.parametrize("shape", [(1, 1), (2, 97), (3, 1025), (2, 131072)])
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_compaction_exact(shape, pattern):
-    b, n = shape
-    keep = random_keep(b, n, pattern, device=DEV)
-    positions = torch.randint(0, 10 * n, (b, n), device=DEV)
-    indices, cu, kept_pos = tri.compact(keep, positions)
-    flat = keep.reshape(-1)
-    assert torch.equal(indices, torch.arange(b * n, device=DEV)[flat])
-    assert cu.dtype == torch.int32
-    assert cu.tolist() == [0] + keep.sum(1).cumsum(0).tolist()
-    assert torch.equal(kept_pos, positions.reshape(-1)[flat])
-    _, _, broadcast = tri.compact(keep, torch.arange(n, device=DEV).expand(b, n))  # stride-0 position ids
-    assert torch.equal(broadcast, torch.arange(n, device=DEV).repeat(b)[flat])
-
-
-@compiled_only
+@triton_compiled_only
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_gather_scatter_exact(dtype, shape, pattern):
+def test_gather_norm(dtype, shape):
     b, n, d = shape
-    keep = random_keep(b, n, pattern, device=DEV)
-    plan = mk.route(torch.randn(b, n, 4, device=DEV), torch.zeros(4, device=DEV), threshold=0.0,
-                    attention_mask=keep.long(), backend="reference")
-    x = torch.randn(b, n, d, device=DEV).to(dtype)
-    assert torch.equal(mk.gather(x, plan, backend="triton"), x.reshape(-1, d)[plan.indices])
-    values = torch.randn(plan.num_kept, d, device=DEV).to(dtype)
-    scale = torch.rand(plan.num_kept, device=DEV)
-    for s in (None, scale):
-        out = mk.scatter_add(x, values, plan, s, backend="triton")
-        assert torch.equal(out, mk.scatter_add(x, values, plan, s, backend="reference"))
+    keep = random_keep(b, n, "random", device=DEV)
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    x = torch.randn(b * n, d, device=DEV).to(dtype)
     gamma = (1 + 0.1 * torch.randn(d, device=DEV)).to(dtype)
-    normed = tri.gather_norm(x.reshape(-1, d), gamma, EPS, plan.indices)
-    low = _rmsnorm(x.float(), gamma.float()).to(dtype).reshape(-1, d)[plan.indices]
-    truth = _rmsnorm(x.double(), gamma.double()).reshape(-1, d)[plan.indices]
+    normed = tri.gather_norm(x, gamma, EPS, idx)
+    low = _rmsnorm(x.float(), gamma.float()).to(dtype)[idx]
+    truth = _rmsnorm(x.double(), gamma.double())[idx]
     assert_within_rule(normed, low, truth, "gather_norm")
 
 
-ATTN = ATTN_CASES | {"bf16_hd128_4k": ([1024, 3072], [1024, 3072], 16, 4, 128)}
-
-
-@compiled_only
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("case", list(ATTN))
-@pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention(dtype, case, causal):
-    lq, lk, hq, hkv, dh = ATTN[case]
-    cu_q = torch.tensor([0] + lq, device=DEV).cumsum(0).int()
-    cu_k = torch.tensor([0] + lk, device=DEV).cumsum(0).int()
-    q = torch.randn(sum(lq), hq, dh, device=DEV).to(dtype)
-    k = torch.randn(sum(lk), hkv, dh, device=DEV).to(dtype)
-    v = torch.randn(sum(lk), hkv, dh, device=DEV).to(dtype)
-    args = (cu_q, cu_k, max(lq), max(lk))
-    out = mk.varlen_attention(q, k, v, *args, causal=causal, backend="triton")
-    low = mk.varlen_attention(q, k, v, *args, causal=causal, backend="reference")
-    truth = mk.varlen_attention(q.double(), k.double(), v.double(), *args, causal=causal, backend="reference")
-    assert_within_rule(out, low, truth, "attention")
-
-
-@compiled_only
+@triton_compiled_only
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", list(ATTN_GRAD_CASES))
 @pytest.mark.parametrize("causal", [True, False])
@@ -158,24 +89,7 @@ def test_varlen_attention_backward(dtype, case, causal):
     _check_grads(fn_for, inputs, torch.randn(sum(lq), hq, dh, device=DEV), dtype, ["out", "dq", "dk", "dv"])
 
 
-@compiled_only
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("lengths", [[0, 1, 57, 300], [1], [0, 0], [4096, 17]])
-@pytest.mark.parametrize("heads", [(8, 2), (9, 3), (32, 8)])
-def test_decode_attention(dtype, lengths, heads):
-    hq, hkv = heads
-    dh, s = 128, max(lengths) + 3
-    q = torch.randn(len(lengths), hq, dh, device=DEV).to(dtype)
-    kc = torch.randn(len(lengths), s, hkv, dh, device=DEV).to(dtype)
-    vc = torch.randn(len(lengths), s, hkv, dh, device=DEV).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
-    out = mk.decode_attention(q, kc, vc, seqlens, backend="triton")
-    low = mk.decode_attention(q, kc, vc, seqlens, backend="reference")
-    truth = mk.decode_attention(q.double(), kc.double(), vc.double(), seqlens, backend="reference")
-    assert_within_rule(out, low, truth, "decode")
-
-
-@compiled_only
+@triton_compiled_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_mindskip_layer_gradients(dtype, granularity):
@@ -198,21 +112,7 @@ def test_mindskip_layer_gradients(dtype, granularity):
         assert_within_rule(out[name], low[name], truth[name], name)
 
 
-def _count_syncs(fn) -> int:
-    """Host syncs made by fn(), counted with CUDA sync debug mode (after a warm-up call that autotunes)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-@compiled_only
+@triton_compiled_only
 def test_no_host_sync_on_hot_path():
     """Router, gather, scatter-add, attention forward + backward and decode never wait for the GPU;
     compaction waits exactly once (T sizes its outputs)."""
@@ -235,5 +135,5 @@ def test_no_host_sync_on_hot_path():
         (out.float().sum() + attn.float().sum()).backward()
         tri.decode_attention(q[:b].detach(), cache, cache, torch.full((b,), n, device=DEV), dh**-0.5)
 
-    assert _count_syncs(hot_path) == 0
-    assert _count_syncs(lambda: tri.compact(keep, torch.arange(n, device=DEV).expand(b, n))) == 1
+    assert count_syncs(hot_path) == 0
+    assert count_syncs(lambda: tri.compact(keep, torch.arange(n, device=DEV).expand(b, n))) == 1
