@@ -32,10 +32,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $results
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "gpu_check: python here has no CUDA torch or sees no GPU (need the CUDA build of torch)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$results/gpu.txt"
-step build 150 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
+step build 130 env MAX_JOBS="${MAX_JOBS:-16}" MINDSKIP_FORCE_CUDA=1 \
   pip install -q --no-deps --no-build-isolation -e .
 step info 20 python -m mindskip_kernels info
-step tests_gpu 150 env MINDSKIP_TRITON_AUTOTUNE=0 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
+step tests_gpu 180 env MINDSKIP_TRITON_AUTOTUNE=0 python -m pytest tests/gpu -q -p no:cacheprovider --maxfail=25
 step bench_kernels 50 python benchmarks/bench_kernels.py --device cuda --dtypes bfloat16,float16 \
   --csv "$results/kernels.csv" --plot "$results/kernels.png"
 step bench_layer 50 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
