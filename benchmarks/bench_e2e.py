@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if cuda else "float32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--csv")
     p.add_argument("--plot")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes, a few seconds (CI)")
