@@ -69,10 +69,6 @@ class RoutedKVLayer(CacheLayerMixin):
 
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
 
-    @property
-    def batch_size(self) -> int:
-        return -1 if self.lengths is None else self.lengths.shape[0]
-
     def nbytes(self) -> int:
         """Bytes of K and V in the blocks in use (the logical footprint, block-rounded)."""
         if self.pool_k is None:
