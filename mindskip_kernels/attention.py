@@ -56,28 +56,29 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                   training: bool = False, backend: str = "auto"
-                  ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
 
     `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
-    (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention; keep_rate is the
-    fraction of real tokens kept. With `training`, the hard decision carries the straight-through gradient
-    (forward value exactly 1 on kept rows, d/dscore = 1), so keep_rate and the LM loss reach the router.
+    (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
+    hard decision carries the straight-through gradient (forward value exactly 1 on kept rows, d/dscore = 1)
+    and keep_rate is the fraction of real tokens kept, as a tensor through which a sparsity loss reaches the
+    router; in inference keep_rate is None (no extra work on the hot path: derive it from plan.keep).
     """
     plan = route(z, router_weight, threshold=threshold, granularity=granularity,
                  attention_mask=attention_mask, position_ids=position_ids, backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
-    real = torch.ones_like(plan.keep) if attention_mask is None else attention_mask != 0
-    gate = plan.keep.to(plan.scores.dtype)
+    gate = keep_rate = None
     if training:
-        gate = gate + (plan.scores - plan.scores.detach())
-    keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+        real = torch.ones_like(plan.keep) if attention_mask is None else attention_mask != 0
+        gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
+        keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
     if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
         return base.clone(), plan, keep_rate
     values = attend(gather(z, plan, backend=backend), plan)
-    scale = gate.reshape(-1).index_select(0, plan.indices) if training else None
+    scale = None if gate is None else gate.reshape(-1).index_select(0, plan.indices)
     out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)
     return out, plan, keep_rate
 

@@ -347,7 +347,7 @@ def evaluate(model: nn.Module, data: str | os.PathLike | Sequence[Example] | Seq
         nll, count = nll + float(loss) * n, count + n
         real = int(batch["attention_mask"].sum())
         for i, layer in layers.items():
-            kept[i] += float(layer.mindskip.last_keep_rate) * real
+            kept[i] += layer.mindskip.keep_rate() * real
     model.train(was_training)
     real_total = sum(int(it["input_ids"].numel()) for it in items)
     return EvalResult(math.exp(nll / max(count, 1)), {i: k / real_total for i, k in kept.items()},

@@ -45,7 +45,16 @@ class LayerState:
     backend: str
     model_state: ModelState
     last_plan: RoutingPlan | None = field(default=None, repr=False)
-    last_keep_rate: torch.Tensor | None = field(default=None, repr=False)
+    last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
+    last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
+
+    def keep_rate(self) -> float | None:
+        """Fraction of real tokens whose attention ran in the last forward (None before any forward)."""
+        if self.last_plan is None:
+            return None
+        keep = self.last_plan.keep
+        real = keep.numel() if self.last_mask is None else int((self.last_mask != 0).sum())
+        return int(keep.sum()) / max(real, 1)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -171,7 +180,7 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     decided = layer_cache.decision if layer_cache is not None else None
     if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
         real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
-        threshold, route_mask = 0.0, real & decided.unsqueeze(1)
+        threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
     attend = _attend_fn(self.self_attn, position_embeddings, batch, st.backend, layer_cache)
     hidden_states, plan, keep_rate = routed_update(
         self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
@@ -181,9 +190,7 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
         layer_cache.seen += seq_len
         if st.granularity == "sequence" and decided is None:
             layer_cache.decision = plan.keep.any(1)
-    if decided is not None:
-        keep_rate = plan.keep.sum() / real.sum().clamp_min(1)
-    st.last_plan, st.last_keep_rate = plan, keep_rate
+    st.last_plan, st.last_mask, st.last_keep_rate = plan, pad, keep_rate
     residual = hidden_states
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
     return residual + hidden_states
@@ -222,8 +229,8 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
 
 def keep_rates(model: nn.Module) -> dict[int, float]:
     """Fraction of real tokens whose attention ran in each routed layer, in the last forward."""
-    return {i: float(layer.mindskip.last_keep_rate) for i, layer in mindskip_layers(model).items()
-            if layer.mindskip.last_keep_rate is not None}
+    return {i: layer.mindskip.keep_rate() for i, layer in mindskip_layers(model).items()
+            if layer.mindskip.last_plan is not None}
 
 
 def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
