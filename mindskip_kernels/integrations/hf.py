@@ -133,8 +133,8 @@ def _prepare_cache_for_generation(model: nn.Module, original):
     return prepare
 
 
-def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int,
-               backend: str, cache: RoutedKVLayer | None):
+def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], backend: str,
+               cache: RoutedKVLayer | None):
     """attend(packed_z, plan) for a transformers attention module (q/k/v/o projections, optional q/k norms),
     with RoPE from the model's own cos/sin at the kept tokens' original positions, and the layer's cache."""
     head_dim = attn.head_dim
@@ -144,8 +144,9 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
         q, k, v = (proj(zp).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        rows = [c.expand(batch, plan.seq_len, head_dim).reshape(-1, head_dim).index_select(0, plan.indices)
-                for c in (cos, sin)]
+        # cos/sin are [1 or B, N, Dh]; pick each kept token's row without materialising a [B, N, Dh] copy
+        idx = plan.indices % plan.seq_len if cos.shape[0] == 1 else plan.indices
+        rows = [c.reshape(-1, head_dim).index_select(0, idx) for c in (cos, sin)]
         out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend,
                                cache)
         return attn.o_proj(out)
@@ -181,7 +182,7 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
         real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
         threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
-    attend = _attend_fn(self.self_attn, position_embeddings, batch, st.backend, layer_cache)
+    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
     hidden_states, plan, keep_rate = routed_update(
         self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
         threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
