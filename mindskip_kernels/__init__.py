@@ -7,7 +7,7 @@ the residual stream.
 
 from mindskip_kernels.attention import MindSkipAttention, mindskip_attention
 from mindskip_kernels.backends import available as available_backends
-from mindskip_kernels.ops import decode_attention, varlen_attention
+from mindskip_kernels.ops import decode_attention, keep_masked_attention, varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "available_backends",
     "decode_attention",
     "gather",
+    "keep_masked_attention",
     "load_routers",
     "mindskip_attention",
     "route",

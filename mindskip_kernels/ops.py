@@ -1,4 +1,5 @@
-"""Public attention op over packed variable-length sequences."""
+"""Public attention ops: packed variable-length sequences, decode over a cache, and the keep-masked
+causal attention of Router-Tuning's training forward."""
 
 from __future__ import annotations
 
@@ -67,3 +68,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
     op = resolve(backend, "decode_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache))
     return op.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,
+                          softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Causal attention whose keys are masked by a per-token keep flag: query i sees key j iff j <= i and
+    (keep[b, j] or j == i). Returns [B, Hq, N, Dh].
+
+    q [B, Hq, N, Dh], k/v [B, Hkv, N, Dh] (the SDPA layout, Hq % Hkv == 0), keep [B, N] bool. This is the
+    training forward of Router-Tuning's default rule: every token computes attention, kept tokens see exactly
+    what the inference forward shows them (the kept earlier tokens and themselves), so every token's gate
+    gets an LM gradient. Differentiable in q, k, v.
+    """
+    check.tensor("q", q, ndim=4, dtypes=check.FLOAT_DTYPES)
+    check.tensor("k", k, ndim=4, dtypes=(q.dtype,))
+    check.tensor("v", v, ndim=4, dtypes=(q.dtype,))
+    check.tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, hq, n, dh = q.shape
+    if k.shape[0] != batch or k.shape[2] != n or k.shape[3] != dh:
+        raise ValueError(f"k must have shape [{batch}, Hkv, {n}, {dh}] to match q, got {tuple(k.shape)}")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]}) "
+                         f"for grouped-query attention")
+    check.shape_match("keep", keep, (batch, n), "[B, N] keep flags of the tokens")
+    check.same_device(q=q, k=k, v=v, keep=keep)
+    scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
+    op = resolve(backend, "keep_masked_attention", q.device, q.dtype, needs_grad(q, k, v))
+    return op.keep_masked_attention(q, k, v, keep, scale)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "reference"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention", "keep_masked_attention")
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -114,3 +114,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     logits = logits.masked_fill(~valid.view(batch, 1, 1, -1), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
     return torch.einsum("bhgs,bshd->bhgd", probs, v_cache.to(ct)).reshape(batch, hq, dh).to(q.dtype)
+
+
+def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                          softmax_scale: float) -> torch.Tensor:
+    """Causal attention where query i sees key j iff j <= i and (keep[j] or j == i); GQA, fp32 accumulation.
+    q [B, Hq, N, Dh], k/v [B, Hkv, N, Dh], keep [B, N] bool; returns [B, Hq, N, Dh]. Every query sees at
+    least itself, so no row is empty."""
+    ct = compute_dtype(q.dtype)
+    n = q.shape[2]
+    idx = torch.arange(n, device=q.device)
+    causal = idx.view(n, 1) >= idx.view(1, n)
+    allowed = causal & (keep.view(-1, 1, 1, n) | torch.eye(n, dtype=torch.bool, device=q.device))
+    out = F.scaled_dot_product_attention(q.to(ct), k.to(ct), v.to(ct), attn_mask=allowed, scale=softmax_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.to(q.dtype)
