@@ -44,12 +44,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     *, softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                     *, block_table: torch.Tensor | None = None, softmax_scale: float | None = None,
+                     backend: str = "auto") -> torch.Tensor:
     """One new query token per sequence against that sequence's KV cache of ragged length.
 
-    q [B, Hq, Dh]; k_cache/v_cache [B, S, Hkv, Dh] with sequence b's keys in rows 0..cache_seqlens[b]-1
-    (the query's own key already appended); cache_seqlens [B] int32/int64. A sequence of length 0 gets
-    zeros. Returns [B, Hq, Dh].
+    q [B, Hq, Dh]; cache_seqlens [B] int32/int64, sequence b's keys are its rows 0..cache_seqlens[b]-1 (the
+    query's own key already appended); a sequence of length 0 gets zeros and reads no cache. The cache is
+    either dense, k_cache/v_cache [B, S, Hkv, Dh], or paged like flash-attention's
+    `flash_attn_with_kvcache(block_table=...)` and vLLM: pools [num_blocks, block_size, Hkv, Dh] and
+    `block_table` [B, max_blocks] int32, row s of sequence b in pool block block_table[b, s // block_size].
+    Rows past a sequence's length are never read into the result (they may hold garbage). Returns
+    [B, Hq, Dh].
     """
     check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,))
@@ -59,15 +64,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     batch, hq, dh = q.shape
-    if k_cache.shape[0] != batch or k_cache.shape[3] != dh:
-        raise ValueError(f"k_cache must have shape [{batch}, S, Hkv, {dh}] to match q, got {tuple(k_cache.shape)}")
-    if hq % k_cache.shape[2]:
+    if block_table is None:
+        if k_cache.shape[0] != batch or k_cache.shape[3] != dh:
+            raise ValueError(f"k_cache must have shape [{batch}, S, Hkv, {dh}] to match q, got "
+                             f"{tuple(k_cache.shape)}")
+    else:
+        check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape [{batch}, max_blocks] (one row per sequence of q), got "
+                             f"{tuple(block_table.shape)}")
+        if k_cache.shape[3] != dh or k_cache.shape[1] < 1:
+            raise ValueError(f"k_cache must be a paged pool [num_blocks, block_size >= 1, Hkv, {dh}] with a "
+                             f"block_table, got {tuple(k_cache.shape)}")
+    if k_cache.shape[2] == 0 or hq % k_cache.shape[2]:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of cache heads ({k_cache.shape[2]})")
     check.shape_match("cache_seqlens", cache_seqlens, (batch,), "one length per sequence")
-    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
     scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "decode_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache))
-    return op.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+    op = resolve(backend, "paged_decode_attention" if block_table is not None else "decode_attention", q.device,
+                 q.dtype, needs_grad(q, k_cache, v_cache))
+    return op.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,

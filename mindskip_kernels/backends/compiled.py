@@ -148,7 +148,8 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                     cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+                     softmax_scale: float) -> torch.Tensor:
     out = empty(q.shape, q.dtype, q.device)
     torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, out)
     return out

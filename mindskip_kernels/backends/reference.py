@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "reference"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention", "keep_masked_attention")
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
+       "paged_decode_attention", "keep_masked_attention")
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -101,19 +102,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out.transpose(1, 2)[seq_q, off_q].to(q.dtype)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     block_table: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """One query per sequence against its cached keys 0..cache_seqlens[b]-1; length 0 gives zeros.
-    q [B, Hq, Dh], caches [B, S, Hkv, Dh]; returns [B, Hq, Dh]."""
+    q [B, Hq, Dh]; caches [B, S, Hkv, Dh], or with `block_table` [B, max_blocks] paged pools
+    [num_blocks, block_size, Hkv, Dh] (sequence b's row s in block block_table[b, s // block_size]).
+    Rows past a sequence's length never enter the product (they may hold anything, NaN included)."""
     ct = compute_dtype(q.dtype)
     batch, hq, dh = q.shape
     hkv = k_cache.shape[2]
-    qg = q.to(ct).view(batch, hkv, hq // hkv, dh)  # query head h reads kv head h // group
-    logits = torch.einsum("bhgd,bshd->bhgs", qg, k_cache.to(ct)) * softmax_scale
+    if block_table is not None:  # the truth for paged kernels: copy each sequence's blocks out (tests only)
+        width = block_table.shape[1] * k_cache.shape[1]
+        blocks = block_table.long().clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
+        k_cache, v_cache = (pool.index_select(0, blocks).view(batch, width, hkv, dh) if pool.shape[0] else
+                            pool.new_zeros(batch, width, hkv, dh) for pool in (k_cache, v_cache))
     valid = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens.long().unsqueeze(1)  # [B, S]
-    logits = logits.masked_fill(~valid.view(batch, 1, 1, -1), float("-inf"))
+    mask = valid.view(batch, k_cache.shape[1], 1, 1)
+    k, v = (torch.where(mask, c.to(ct), 0.0) for c in (k_cache, v_cache))  # unused rows: out by selection
+    qg = q.to(ct).view(batch, hkv, hq // hkv, dh) if hkv else q.to(ct).view(batch, 0, 1, dh)
+    logits = torch.einsum("bhgd,bshd->bhgs", qg, k) * softmax_scale
+    logits = logits.masked_fill(~valid.view(batch, 1, 1, k_cache.shape[1]), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-    return torch.einsum("bhgs,bshd->bhgd", probs, v_cache.to(ct)).reshape(batch, hq, dh).to(q.dtype)
+    return torch.einsum("bhgs,bshd->bhgd", probs, v).reshape(batch, hq, dh).to(q.dtype)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,

@@ -74,6 +74,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     softmax_scale: float) -> torch.Tensor:
+                     block_table: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """One query per sequence against its cache rows 0..cache_seqlens[b]-1 -> [B, Hq, Dh]."""
     return ops.decode_op(q, k_cache, v_cache, cache_seqlens, softmax_scale)
