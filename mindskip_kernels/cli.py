@@ -1,5 +1,11 @@
 """The `mindskip` command (also `python -m mindskip_kernels`): one argparse parser with a subcommand each.
 
+    mindskip info                      versions, backends, how _C was built
+    mindskip tune --keep 0.75 ...      Router-Tuning, then one threshold calibrated to the keep rate asked for
+    mindskip calibrate --keep 0.5 ...  move trained routers to another keep rate, without training
+    mindskip export-layers ...         tuned routers -> a static list of attention layers to drop
+    mindskip eval ...                  perplexity, keep rates and speed vs the dense model
+
 Add a subcommand by writing `_name(args) -> int` and registering it in `build_parser`.
 """
 
@@ -7,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
+import os
 import platform
 
 import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
+                   "vocab.txt")
 
 
 def _version(package: str) -> str:
@@ -42,14 +53,208 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               tokenizer: str | os.PathLike | None = None):
+    """(model, tokenizer) from a transformers directory or hub name, or a `.gguf` file (dequantized).
+    `tokenizer`: where to load the tokenizer from when the model's folder has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.fspath(path)
+    kwargs = {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {path} does not exist")
+        path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
+    if tokenizer is None and os.path.isdir(path) and "gguf_file" not in kwargs and not any(
+            os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         f"pass the tokenizer's directory or hub name with --tokenizer (Python: tokenizer=...)")
+    tok = AutoTokenizer.from_pretrained(os.fspath(tokenizer)) if tokenizer is not None else \
+        AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    return model.eval(), tok
+
+
+def _load(args: argparse.Namespace):
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return load_model(args.model, device=device, tokenizer=args.tokenizer)
+
+
+def _keep(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        keep = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep must be a fraction in (0, 1] or 'none', got {value!r}") from None
+    if not 0.0 < keep <= 1.0:
+        raise argparse.ArgumentTypeError(f"--keep must be a fraction in (0, 1] or 'none', got {value!r}")
+    return keep
+
+
+def _parse_layers(value: str | None) -> int | list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")] if "," in value else int(value)
+    except ValueError:
+        raise ValueError(f"--layers must be an int or a comma-separated list of ints, got {value!r}") from None
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from mindskip_kernels.integrations.hf import apply_mindskip, mindskip_layers, save_routers
+    from mindskip_kernels.tuning import _distributed, plot_history, router_tune, write_log
+
+    model, tokenizer = _load(args)
+    apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
+                   granularity=args.granularity, backend=args.backend)
+    history = router_tune(model, args.data, tokenizer, keep=args.keep, rule=args.rule, steps=args.steps,
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                          sparsity_weight=args.sparsity_weight, target_capacity=args.target_capacity,
+                          max_length=args.max_length, precision=args.precision, calibration=args.calibration_data,
+                          seed=args.seed)
+    rank, world = _distributed()
+    if rank == 0:
+        info = {"rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr, "seed": args.seed,
+                "data": os.fspath(args.data)}
+        save_routers(model, args.out, info)
+        write_log(history, os.path.join(args.out, "train_log.csv"))
+        plot_history(history, os.path.join(args.out, "train_curve.png"))
+        last = history[-1]
+        threshold = next(iter(mindskip_layers(model).values())).mindskip.threshold
+        print(f"trained {len(history)} steps on {world} process(es): loss {last['loss']:.4f}, training keep rate "
+              f"{last['keep_rate']:.3f}, threshold {threshold:.6f}; wrote {args.out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from mindskip_kernels.integrations.hf import load_routers, save_routers
+    from mindskip_kernels.tuning import calibrate
+
+    model, tokenizer = _load(args)
+    load_routers(model, args.routers, backend=args.backend)
+    result = calibrate(model, args.data, args.keep, tokenizer, batch_size=args.batch_size,
+                       max_length=args.max_length)
+    save_routers(model, args.out, {"calibrated_from": os.fspath(args.routers), "keep": args.keep,
+                                   "calibration_keep": result.keep_rate, "data": os.fspath(args.data)})
+    print(f"threshold {result.threshold:.6f} keeps {result.keep_rate:.3f} of routed attention on {args.data} "
+          f"(asked {args.keep}); wrote {args.out}")
+    return 0
+
+
+def _export_layers(args: argparse.Namespace) -> int:
+    from mindskip_kernels.integrations.hf import load_routers
+    from mindskip_kernels.layer_drop import export_layers
+    from mindskip_kernels.tuning import evaluate
+
+    model, tokenizer = _load(args)
+    load_routers(model, args.routers, backend=args.backend)
+    rates = evaluate(model, args.data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
+    drop = export_layers(rates, n=args.n, keep=args.keep)
+    with open(args.out, "w") as f:
+        json.dump({"drop_attention": drop, "learned_keep_rates": {str(i): r for i, r in rates.items()}}, f, indent=2)
+    print(f"drop the attention of layers {drop} (learned keep rates "
+          + ", ".join(f"{i}: {r:.2f}" for i, r in rates.items()) + f"); wrote {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mindskip_kernels.data import as_items
+    from mindskip_kernels.integrations.hf import load_routers
+    from mindskip_kernels.layer_drop import drop_attention
+    from mindskip_kernels.tuning import evaluate
+
+    model, tokenizer = _load(args)
+    items = as_items(args.data, tokenizer, args.max_length)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with autocast:
+        evaluate(model, items[: args.batch_size], batch_size=args.batch_size)  # warm-up, untimed
+        dense = evaluate(model, items, batch_size=args.batch_size)
+        if args.routers:
+            load_routers(model, args.routers, backend=args.backend)
+        else:
+            with open(args.drop_layers) as f:
+                drop_attention(model, json.load(f)["drop_attention"])
+        routed = evaluate(model, items, batch_size=args.batch_size)
+    name = "mindskip" if args.routers else "dropped"
+    print(f"{'':10}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}")
+    for label, r in (("dense", dense), (name, routed)):
+        print(f"{label:10}{r.perplexity:12.4f}{r.keep_rate:11.3f}{r.tokens / r.seconds:11.1f}")
+    print(f"speed vs dense: {dense.seconds / routed.seconds:.2f}x ({routed.tokens} tokens)")
+    if routed.keep_rates:
+        print("keep rate per layer: " + ", ".join(f"{i}: {k:.3f}" for i, k in routed.keep_rates.items()))
+    return 0
+
+
+def _add_model(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", required=True, help="transformers model directory (or hub name) or a .gguf file")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name, when --model has none")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per item (longer ones are cut / split)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="under torchrun, cuda means cuda:LOCAL_RANK")
+    p.add_argument("--backend", default="auto", help="MindSkip kernel backend (auto, reference, triton, compiled)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mindskip", description="MindSkip dynamic-depth attention tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print versions, available backends and how _C was built")
-    info.set_defaults(func=_info)
-    from mindskip_kernels.tuning import add_commands  # `tune` and `eval` (Router-Tuning)
+    sub.add_parser("info", help="print versions, available backends and how _C was built").set_defaults(func=_info)
 
-    add_commands(sub)
+    data_help = "JSON/JSONL Alpaca records (instruction, input, output) or plain text"
+    tune = sub.add_parser(
+        "tune", help="Router-Tuning: train only the MindSkip routers, then calibrate to --keep",
+        description="Train the MindSkip routers of a causal LM (all else frozen) and calibrate one global threshold "
+                    "so that the routed layers run attention for the fraction --keep of tokens. Several processes: "
+                    "torchrun --nproc_per_node N -m mindskip_kernels tune ... (or accelerate launch -m ...).")
+    _add_model(tune, data_help)
+    tune.add_argument("--out", required=True, help="directory for routers, train_log.csv and train_curve.png")
+    tune.add_argument("--keep", type=_keep, default=0.75,
+                      help="fraction of routed attention to run (default 0.75); 'none' = no calibration (paper)")
+    tune.add_argument("--rule", choices=("every_token", "paper"), default="every_token",
+                      help="training forward: every token learns (default) or the paper's kept-tokens-only rule")
+    tune.add_argument("--calibration-data", default=None, help="data for the threshold (default: training data)")
+    tune.add_argument("--layers", default=None,
+                      help="N = the last N layers before the final one (default: half, the paper's), or a "
+                           "comma-separated list of layer indices")
+    tune.add_argument("--granularity", choices=("token", "sequence"), default="token")
+    tune.add_argument("--threshold", type=float, default=0.5, help="starting threshold (moved by --keep)")
+    tune.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
+    tune.add_argument("--lr", type=float, default=1e-3)
+    tune.add_argument("--sparsity-weight", type=float, default=0.0, help="paper code: 5e-3 (with --keep none)")
+    tune.add_argument("--target-capacity", type=float, default=None, help="keep-rate hinge target per layer")
+    tune.add_argument("--grad-accum", type=int, default=1)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(func=_tune)
+
+    cal = sub.add_parser("calibrate", help="set trained routers to another keep rate (no training)")
+    _add_model(cal, "calibration data, same formats as for tune")
+    cal.add_argument("--routers", required=True, help="directory written by `mindskip tune`, or a state-dict file")
+    cal.add_argument("--keep", type=_keep, required=True, help="fraction of routed attention to run")
+    cal.add_argument("--out", required=True, help="directory for the recalibrated routers")
+    cal.set_defaults(func=_calibrate)
+
+    exp = sub.add_parser("export-layers", help="tuned routers -> a static list of attention layers to drop")
+    _add_model(exp, "data on which the routers' per-layer keep rates are measured")
+    exp.add_argument("--routers", required=True, help="directory written by `mindskip tune`")
+    group = exp.add_mutually_exclusive_group()
+    group.add_argument("--keep", type=_keep, default=None, help="fraction of routed layers to keep")
+    group.add_argument("--n", type=int, default=None, help="number of layers to drop")
+    exp.add_argument("--out", required=True, help="JSON file: {'drop_attention': [layers], ...}")
+    exp.set_defaults(func=_export_layers)
+
+    ev = sub.add_parser("eval", help="perplexity, keep rate per layer and speed vs dense")
+    _add_model(ev, "held-out data, same formats as for tune")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--routers", help="directory written by `mindskip tune`, or a state-dict file")
+    what.add_argument("--drop-layers", help="JSON file written by `mindskip export-layers`")
+    ev.set_defaults(func=_eval)
     return parser
 
 

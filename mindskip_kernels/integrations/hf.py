@@ -10,29 +10,79 @@ themselves never see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mindskip_kernels import _checks as check
-from mindskip_kernels.attention import packed_attention, routed_update
+from mindskip_kernels.attention import apply_rope, packed_attention, routed_update
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
-from mindskip_kernels.routing import RoutingPlan
+from mindskip_kernels.ops import keep_masked_attention
+from mindskip_kernels.routing import RoutingPlan, route
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# Router-Tuning's training forward (design.md s.1): "every_token" computes attention for every token, each query
+# seeing the kept earlier tokens and itself, and gates every row with the straight-through decision; "paper" (the
+# authors' code) computes attention for the kept tokens only, so only they carry the LM gradient to the router.
+RULES = ("every_token", "paper")
 ROUTERS_FILE = "routers.safetensors"
 META_FILE = "mindskip.json"
 
 
 @dataclass
+class RoutingEntry:
+    """One routed layer's decision in one forward: scores [B, N] fp32, keep [B, N] bool, real [B, N] bool (not
+    padding), and in training the keep rate over real tokens as a tensor carrying the straight-through gradient."""
+
+    layer_idx: int
+    scores: torch.Tensor
+    keep: torch.Tensor
+    real: torch.Tensor
+    keep_rate: torch.Tensor | None
+
+
+@dataclass
+class RoutingRecord:
+    """What `record_routing` collected: an entry per routed layer per forward, in call order."""
+
+    entries: list[RoutingEntry] = field(default_factory=list)
+
+    def keep_rates(self) -> dict[int, float]:
+        """Fraction of real tokens kept per routed layer, over all recorded forwards."""
+        kept: dict[int, torch.Tensor] = {}
+        real: dict[int, torch.Tensor] = {}
+        for e in self.entries:
+            kept[e.layer_idx] = kept.get(e.layer_idx, 0) + (e.keep & e.real).sum()
+            real[e.layer_idx] = real.get(e.layer_idx, 0) + e.real.sum()
+        return {i: float(kept[i]) / max(float(real[i]), 1.0) for i in sorted(kept)}
+
+    def real_scores(self) -> torch.Tensor:
+        """Router scores of every (routed layer, real token) pair recorded, flattened, fp32."""
+        if not self.entries:
+            return torch.zeros(0)
+        return torch.cat([e.scores.detach()[e.real].float().cpu() for e in self.entries])
+
+    def training_keep_rates(self) -> torch.Tensor:
+        """Stacked differentiable keep rates of the recorded training forwards (for sparsity losses)."""
+        rates = [e.keep_rate for e in self.entries if e.keep_rate is not None]
+        if not rates:
+            raise ValueError("no training forward was recorded (keep rates carry gradients only in train mode)")
+        return torch.stack([r.float() for r in rates])
+
+
+@dataclass
 class ModelState:
-    """Per-model state shared by its patched layers: the current batch's 2-D padding mask."""
+    """Per-model state shared by its patched layers: the current batch's 2-D padding mask, and the open
+    `record_routing` contexts."""
 
     padding_mask: torch.Tensor | None = None
+    records: list[RoutingRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -44,6 +94,7 @@ class LayerState:
     granularity: str
     backend: str
     model_state: ModelState
+    rule: str = "every_token"  # the training forward (RULES); inference is the same for every rule
     last_plan: RoutingPlan | None = field(default=None, repr=False)
     last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
     last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
@@ -154,6 +205,30 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
     return attend
 
 
+def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, pad: torch.Tensor | None,
+                        st: LayerState) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
+    """The "every_token" training forward: attention for every token, each query seeing the kept earlier
+    tokens and itself (a kept token sees exactly what inference shows it), and h = x + g * attn on every row
+    with the hard gate g (0 or 1 in value) passing its gradient straight through to the score. Returns
+    (h, plan, keep rate over real tokens with the straight-through gradient)."""
+    attn = layer.self_attn
+    z = layer.input_layernorm(x)
+    plan = route(z, layer.router.weight, threshold=st.threshold, granularity=st.granularity, attention_mask=pad,
+                 backend=st.backend)
+    q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = (c.to(q.dtype) for c in position_embeddings)  # [1 or B, N, Dh]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, Dh]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = keep_masked_attention(q, k, v, plan.keep, softmax_scale=attn.scaling, backend=st.backend)
+    out = attn.o_proj(out.transpose(1, 2).flatten(2))
+    real = torch.ones_like(plan.keep) if pad is None else pad != 0
+    gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
+    keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+    return x + gate.unsqueeze(-1).to(out.dtype) * out, plan, keep_rate
+
+
 def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                             position_ids=None, cache=None, use_cache=False, position_embeddings=None,
                             **kwargs) -> torch.Tensor:
@@ -182,16 +257,24 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
         real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
         threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
-    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
-    hidden_states, plan, keep_rate = routed_update(
-        self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
-        threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
-        training=self.training, backend=st.backend)
+    if self.training and st.rule == "every_token":
+        hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st)
+    else:
+        attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+        hidden_states, plan, keep_rate = routed_update(
+            self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
+            threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
+            training=self.training, backend=st.backend)
     if layer_cache is not None:
         layer_cache.seen += seq_len
         if st.granularity == "sequence" and decided is None:
             layer_cache.decision = plan.keep.any(1)
     st.last_plan, st.last_mask, st.last_keep_rate = plan, pad, keep_rate
+    if st.model_state.records:
+        real = torch.ones_like(plan.keep) if pad is None else pad != 0
+        entry = RoutingEntry(st.layer_idx, plan.scores, plan.keep, real, keep_rate)
+        for record in st.model_state.records:
+            record.entries.append(entry)
     residual = hidden_states
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
     return residual + hidden_states
@@ -228,15 +311,48 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     return model
 
 
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[RoutingRecord]:
+    """Collect every routed layer's decision in the forwards run inside the context:
+
+        with record_routing(model) as rec:
+            loss = model(**batch).loss
+        rec.keep_rates()                # {layer: fraction of real tokens kept}
+        rec.training_keep_rates()       # train mode: differentiable, for a sparsity loss
+    """
+    base = _base_model(model)
+    if not hasattr(base, "_mindskip_state"):
+        raise ValueError("model has no MindSkip routers: call apply_mindskip(model) first")
+    record = RoutingRecord()
+    base._mindskip_state.records.append(record)
+    try:
+        yield record
+    finally:
+        base._mindskip_state.records.remove(record)
+
+
+def set_thresholds(model: nn.Module, threshold: float | dict[int, float]) -> None:
+    """Set the keep threshold of every routed layer (one global value) or of each listed layer."""
+    layers = mindskip_layers(model)
+    values = threshold if isinstance(threshold, dict) else dict.fromkeys(layers, threshold)
+    unknown = sorted(set(values) - set(layers))
+    if unknown:
+        raise ValueError(f"threshold names layers {unknown} that are not routed (routed: {sorted(layers)})")
+    checked = {i: check.threshold(t) for i, t in values.items()}
+    for i, t in checked.items():
+        layers[i].mindskip.threshold = t
+
+
 def keep_rates(model: nn.Module) -> dict[int, float]:
     """Fraction of real tokens whose attention ran in each routed layer, in the last forward."""
     return {i: layer.mindskip.keep_rate() for i, layer in mindskip_layers(model).items()
             if layer.mindskip.last_plan is not None}
 
 
-def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
+def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
-    (layers, threshold, granularity) into directory `path`."""
+    (layers, threshold, granularity, and under "tuning" the JSON-serialisable `info`: how they were tuned) into
+    directory `path`."""
     from safetensors.torch import save_file
 
     layers = mindskip_layers(model)
@@ -249,6 +365,8 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
     first = next(iter(layers.values())).mindskip
     meta = {"layers": sorted(layers), "threshold": first.threshold, "granularity": first.granularity,
             "model_type": _model_type(model), "hidden_size": next(iter(tensors.values())).shape[1]}
+    if info:
+        meta["tuning"] = info
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 

