@@ -225,15 +225,19 @@ class Calibration:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Data, keep: float, tokenizer=None, *, batch_size: int = 4,
-              max_length: int = 512, iterations: int = 3, progress: bool = True) -> Calibration:
+              max_length: int = 512, tolerance: float = 0.005, max_iterations: int = 12,
+              progress: bool = True) -> Calibration:
     """Set one global threshold across the routed layers so that they keep the fraction `keep` of (layer,
-    real token) pairs on `data`, and return it with the keep rate achieved there.
+    real token) pairs on `data` (within `tolerance` when `max_iterations` forwards suffice), and return it with
+    the keep rate achieved there.
 
-    Each iteration runs the data, collects every routed layer's scores and moves the threshold to their
-    `keep` quantile; iterating accounts for a layer's inputs changing with the earlier layers' decisions.
-    One global threshold (not one per layer) lets the routers decide which layers' attention matters."""
+    Each iteration runs the data at the current threshold and moves it to the `keep` quantile of the scores
+    seen, inside a bracket that shrinks like bisection: a layer's scores change with the earlier layers'
+    decisions, so one quantile is not enough. One global threshold (not one per layer) lets the routers decide
+    which layers' attention matters."""
     _check_keep(keep, allow_none=False)
-    _check_positive(batch_size=batch_size, max_length=max_length, iterations=iterations)
+    _check_positive(batch_size=batch_size, max_length=max_length, max_iterations=max_iterations,
+                    tolerance=tolerance)
     hf = _hf()
     _routers(model)
     items = as_items(data, tokenizer, max_length)
@@ -241,22 +245,36 @@ def calibrate(model: nn.Module, data: Data, keep: float, tokenizer=None, *, batc
     was_training = model.training
     model.eval()
 
-    def run() -> hf.RoutingRecord:
+    def run(threshold: float) -> tuple[float, torch.Tensor]:
+        hf.set_thresholds(model, threshold)
         with hf.record_routing(model) as rec:
             for start in range(0, len(items), batch_size):
                 batch = collate(items[start : start + batch_size])
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       use_cache=False, logits_to_keep=1)
-        return rec
+        rates = rec.keep_rates()
+        return sum(rates.values()) / len(rates), rec.real_scores()
 
-    try:
-        for _ in tqdm(range(iterations), desc="calibrate", disable=not progress):
-            hf.set_thresholds(model, keep_threshold(run().real_scores(), keep))
-        rates = run().keep_rates()
-    finally:
-        model.train(was_training)
+    low, high = 0.0, 1.0  # keep(low) >= keep >= keep(high)
+    best = (math.inf, 0.5, 1.0)  # (|error|, threshold, keep rate)
     threshold = next(iter(hf.mindskip_layers(model).values())).mindskip.threshold
-    return Calibration(threshold, sum(rates.values()) / len(rates))
+    bar = tqdm(total=max_iterations, desc="calibrate", disable=not progress)
+    try:
+        for _ in range(max_iterations):
+            rate, scores = run(threshold)
+            bar.update()
+            bar.set_postfix(keep=f"{rate:.4f}", threshold=f"{threshold:.6f}")
+            best = min(best, (abs(rate - keep), threshold, rate))
+            if abs(rate - keep) <= tolerance:
+                break
+            low, high = (threshold, high) if rate > keep else (low, threshold)
+            guess = keep_threshold(scores, keep)
+            threshold = guess if low < guess < high else (low + high) / 2
+        hf.set_thresholds(model, best[1])
+    finally:
+        bar.close()
+        model.train(was_training)
+    return Calibration(best[1], best[2])
 
 
 @dataclass
