@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from mindskip_kernels.backends.triton import ops
+from mindskip_kernels.backends.triton import attention_bwd, ops
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
-DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
+       "keep_masked_attention")
+# ops with a backward, see backends.resolve(needs_grad=)
+DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -69,8 +71,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float) -> torch.Tensor:
     """Flash attention over packed sequences (bottom-right causal, GQA) -> [Tq, Hq, Dh]."""
-    return ops.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                     softmax_scale)
+    return attention_bwd.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale)
+
+
+def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                          softmax_scale: float) -> torch.Tensor:
+    """Causal attention on [B, Hq, N, Dh] where query i sees key j iff j <= i and (keep[b, j] or j == i)."""
+    return attention_bwd.KeepMaskedAttention.apply(q, k, v, keep, softmax_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,

@@ -4,8 +4,6 @@ implementation for torch.compile) and their autograd: one autograd.Function per 
 import torch
 
 from mindskip_kernels.backends.triton import (
-    attention_bwd,
-    attention_fwd,
     compaction,
     decode,
     gather_scatter,
@@ -79,30 +77,6 @@ def _(grad2d, values, indices, scale):
     return torch.empty_like(values), torch.empty_like(scale)
 
 
-@torch.library.custom_op("mindskip_triton::varlen_attention_forward", mutates_args=())
-def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                      max_seqlen_q: int, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
-    return attention_fwd.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale)
-
-
-@varlen_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("mindskip_triton::varlen_attention_backward", mutates_args=())
-def varlen_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                       causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_bwd.varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, causal, softmax_scale)
-
-
-@varlen_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 @torch.library.custom_op("mindskip_triton::decode_attention", mutates_args=())
 def decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float) -> Tensor:
     return decode.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
@@ -171,21 +145,3 @@ class ScatterAdd(torch.autograd.Function):
             return grad, gather_op(grad, indices), None, None
         grad_values, grad_scale = scatter_add_backward_op(grad, values, indices, scale)
         return grad, grad_values, None, grad_scale
-
-
-class VarlenAttention(torch.autograd.Function):
-    """Flash attention over packed sequences; the backward recomputes probabilities from the saved LSE."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float):
-        out, lse = varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = varlen_backward_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
