@@ -238,7 +238,7 @@ def _run_every_kernel() -> None:
     kvb = torch.randn(b, 2, n, 128).to(dt).requires_grad_()
     tri.keep_masked_attention(qb, kvb, kvb, random_keep(b, n, "random"), 0.1).sum().backward()
     cache = torch.randn(2, 5, 2, 128).to(dt)
-    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), 0.1)
+    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), None, 0.1)
 
 
 def test_kernels_build_for_sm90(tmp_path):

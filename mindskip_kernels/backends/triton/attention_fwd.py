@@ -52,9 +52,9 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_
 
 
 @triton.jit
-def attend_block_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m,
-                       offs_d, head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                       HAS_KEEP: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m, offs_d,
+                  head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_attend_block` over the key blocks lo..hi. With keep flags, a block off the diagonal (not MASKED)
     that holds no kept key contributes nothing and is skipped."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -69,6 +69,15 @@ def attend_block_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, st
                                           k_len, diag, offs_m, offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL,
                                           HAS_KEEP, FIX_BF16, DOT_PREC, BLOCK_N)
     return acc, l_i, m_i
+
+
+@triton.jit
+def attend_block_range(acc, l_i, m_i, q, k_base, v_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m, offs_d,
+                       head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, FIX_BF16: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with keys lo..hi, no keep flags (the decode kernel's loop)."""
+    return _attend_range(acc, l_i, m_i, q, k_base, v_base, k_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m,
+                         offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL, False, FIX_BF16, DOT_PREC, BLOCK_N)
 
 
 @triton.jit
@@ -127,12 +136,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, ke
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = attend_block_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, 0, full,
-                                       k_len, diag, offs_m, offs_d, head_dim, qk_scale, False, IS_CAUSAL, HAS_KEEP,
-                                       FIX_BF16, DOT_PREC, BLOCK_N)
-    acc, l_i, m_i = attend_block_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, full, hi,
-                                       k_len, diag, offs_m, offs_d, head_dim, qk_scale, True, IS_CAUSAL, HAS_KEEP,
-                                       FIX_BF16, DOT_PREC, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, 0, full, k_len,
+                                  diag, offs_m, offs_d, head_dim, qk_scale, False, IS_CAUSAL, HAS_KEEP, FIX_BF16,
+                                  DOT_PREC, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, full, hi, k_len,
+                                  diag, offs_m, offs_d, head_dim, qk_scale, True, IS_CAUSAL, HAS_KEEP, FIX_BF16,
+                                  DOT_PREC, BLOCK_N)
     seen = l_i > 0.0  # queries that see no key output zeros and get lse = +inf (zero gradient)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(o_ptr + seq64 * skew_o + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
