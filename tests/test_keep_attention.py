@@ -32,14 +32,14 @@ def naive_keep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep
     return out
 
 
-def make_keep(batch: int, n: int, pattern: str) -> torch.Tensor:
+def make_keep(batch: int, n: int, pattern: str, device: str = "cpu") -> torch.Tensor:
     """The harness patterns, plus 'prefix' (only the first 5 tokens kept: later key blocks hold no kept key
     and are skipped by the kernels, earlier ones are not)."""
     if pattern == "prefix":
-        keep = torch.zeros(batch, n, dtype=torch.bool)
+        keep = torch.zeros(batch, n, dtype=torch.bool, device=device)
         keep[:, :5] = True
         return keep
-    return random_keep(batch, n, pattern)
+    return random_keep(batch, n, pattern, device)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 1, 8), (2, 4, 2, 17, 16), (3, 6, 2, 33, 12)])
@@ -60,7 +60,7 @@ def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     8 columns are NaN: memory the kernels must never read), 'bnhd' (the [B, N, H, Dh] layout of a projection
     viewed as heads, as HF models pass it) or 'contiguous'."""
     if layout == "padded":
-        nan = torch.full((*t.shape[:-1], 8), float("nan"), dtype=t.dtype)
+        nan = torch.full((*t.shape[:-1], 8), float("nan"), dtype=t.dtype, device=t.device)
         return torch.cat([t, nan], dim=-1)[..., : t.shape[-1]]
     if layout == "bnhd":
         return t.transpose(1, 2).contiguous().transpose(1, 2)
@@ -74,6 +74,25 @@ def _forward_backward(backend: str, inputs: list[torch.Tensor], keep: torch.Tens
     out = mk.keep_masked_attention(*(_laid_out(t, layout) for t in leaves), keep, backend=backend)
     out.backward(_laid_out(grad, layout))
     return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_forward_backward(inputs: list[torch.Tensor], keep: torch.Tensor, grad: torch.Tensor, layout: str) -> None:
+    """Triton's out, dq, dk, dv (inputs q, k, v in `layout`) within the tolerance rule of the reference at the
+    inputs' dtype, both against the fp64 reference."""
+    dtype = inputs[0].dtype
+    out = _forward_backward("triton", inputs, keep, grad, layout)
+    low = _forward_backward("reference", inputs, keep, grad, "contiguous")
+    truth = _forward_backward("reference", [t.double() for t in inputs], keep, grad.double(), "contiguous")
+    # dq and dk are sums of p * (dp - delta) with dp = dO . V: where they cancel to zero (a query that sees only
+    # itself has dq = 0) what is left is fp32 rounding of terms of that size, so their floor is relative to it
+    group = inputs[0].shape[1] // inputs[1].shape[1]
+    dp = torch.einsum("bhid,bhjd->bhij", grad.double(), inputs[2].double().repeat_interleave(group, 1))
+    size = dp.abs().max().item() * inputs[0].shape[-1] ** -0.5 * max(t.abs().max().item() for t in inputs[:2])
+    cancel = max(1.0, size)
+    for name, o, lo, t in zip(["out", "dq", "dk", "dv"], out, low, truth, strict=True):
+        assert o.dtype == dtype, name
+        s = cancel if name in ("dq", "dk") else 1.0
+        assert_within_rule(o.double() / s, lo.double() / s, t / s, name)
 
 
 # (B, Hq, Hkv, N, Dh, layout): N = 1, 17, 97, 130 (130 > one 128-key block), GQA 4/2 and MHA, Dh 40 and 80
@@ -95,19 +114,7 @@ def test_triton_forward_backward(dtype, case, pattern):
     keep = make_keep(b, n, pattern)
     inputs = [torch.randn(b, hq, n, dh).to(dtype), torch.randn(b, hkv, n, dh).to(dtype),
               torch.randn(b, hkv, n, dh).to(dtype)]
-    grad = torch.randn(b, hq, n, dh).to(dtype)
-    out = _forward_backward("triton", inputs, keep, grad, layout)
-    low = _forward_backward("reference", inputs, keep, grad, "contiguous")
-    truth = _forward_backward("reference", [t.double() for t in inputs], keep, grad.double(), "contiguous")
-    # dq and dk are sums of p * (dp - delta) with dp = dO . V: where they cancel to zero (a query that sees only
-    # itself has dq = 0) what is left is fp32 rounding of terms of that size, so their floor is relative to it
-    group = hq // hkv
-    dp = torch.einsum("bhid,bhjd->bhij", grad.double(), inputs[2].double().repeat_interleave(group, 1))
-    cancel = max(1.0, dp.abs().max().item() * dh**-0.5 * max(t.abs().max().item() for t in inputs[:2]))
-    for name, o, lo, t in zip(["out", "dq", "dk", "dv"], out, low, truth, strict=True):
-        assert o.dtype == dtype, name
-        s = cancel if name in ("dq", "dk") else 1.0
-        assert_within_rule(o.double() / s, lo.double() / s, t / s, name)
+    check_forward_backward(inputs, keep, torch.randn(b, hq, n, dh).to(dtype), layout)
 
 
 @needs_triton
