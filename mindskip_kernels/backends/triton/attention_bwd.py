@@ -32,7 +32,7 @@ PRE_BLOCK = 64
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, total_q, head_dim, seq_len, stride_ot, stride_oh, skew_o, stride_dt,
                   stride_dh, skew_d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # head * head stride passes 2**31 in a long [B, H, N, Dh] batch
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows < total_q)[:, None] & (offs_d < head_dim)[None, :]
     r64 = rows.to(tl.int64)[:, None]
@@ -97,7 +97,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                  FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1).to(tl.int64)  # kv_head * head stride passes 2**31 in a long batch
     seq = tl.program_id(2)
     k_start = tl.load(cu_k_ptr + seq)
     k_len = tl.load(cu_k_ptr + seq + 1) - k_start
@@ -127,7 +127,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
         lo = 0
         full = 0
     hi = q_len
-    kept = offs_n < k_len
+    kept = offs_n < k_len  # replaced by the keep flags under HAS_KEEP (read only there)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + keys, mask=offs_n < k_len, other=0) != 0
         hi = tl.where(tl.max(kept.to(tl.int32), axis=0) == 0, full, q_len)  # no kept key: only j == i queries
@@ -210,7 +210,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr
                IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # head * head stride passes 2**31 in a long [B, H, N, Dh] batch
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start

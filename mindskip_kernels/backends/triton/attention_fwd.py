@@ -109,7 +109,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, ke
                      FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # head * head stride passes 2**31 in a long [B, H, N, Dh] batch
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
