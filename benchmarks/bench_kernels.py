@@ -1,6 +1,9 @@
 """Each routing/attention kernel per available backend against the plain PyTorch sequence (the reference
 backend: matmul + sigmoid, nonzero + cumsum, index_select, index_add, padded SDPA), and on CUDA varlen
 attention also against torch's varlen_attn, compiled FlexAttention and flash-attn (benchmarks/baselines.py).
+Keep-masked attention (Router-Tuning's training attention) is timed forward + backward; on CUDA beside
+compiled FlexAttention with a mask_mod reading the keep flags, SDPA with the materialised [B, 1, N, N] mask,
+and dense causal SDPA (the floor: it ignores the keep flags).
 
     python benchmarks/bench_kernels.py                 # CPU, or CUDA when present; < 1 min on CPU
     python benchmarks/bench_kernels.py --smoke         # tiny sizes, a few seconds (CI)
@@ -18,8 +21,10 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import baselines  # noqa: E402
@@ -35,6 +40,7 @@ class Case:
     shape: str
     bytes: int                        # minimum bytes moved (for GB/s)
     call: Callable[[object], object]  # backend module -> result
+    mode: str = "fwd"                 # what `call` runs: "fwd" or "fwd+bwd"
 
 
 def sizes(device: torch.device, smoke: bool) -> dict[str, int]:
@@ -80,7 +86,7 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
     lens = torch.linspace(s // 2, s, b, device=device).long()
     kv_bytes = int(lens.sum()) * hkv * dh * es * 2
     out.append(Case("decode_attention", "decode_attention", dtype, f"B{b} S{s} H{hq}/{hkv} Dh{dh}", kv_bytes,
-                    lambda m: m.decode_attention(q, kc, vc, lens, dh**-0.5)))
+                    lambda m: m.decode_attention(q, kc, vc, lens, None, dh**-0.5)))
     # varlen attention on kept tokens (causal), the prefill of a routed layer: ragged lengths L/2..L
     lv = sz["L"]
     lengths = torch.linspace(lv // 2, lv, b).long()
@@ -91,7 +97,69 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
     out.append(Case("varlen_attention", "varlen_attention", dtype, f"B{b} L{lv // 2}..{lv} H{hq}/{hkv} Dh{dh}",
                     (qv.numel() * 2 + kv.numel() * 2) * es,
                     lambda m: m.varlen_attention(qv, kv, kv, cu, cu, lv, lv, True, dh**-0.5)))
+    out.append(keep_attention_case(device, dtype, sz))
     return out
+
+
+def keep_attention_case(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> Case:
+    """Keep-masked attention forward + backward on one sequence of L tokens, half of them kept."""
+    n, hq, hkv, dh = sz["L"], sz["Hq"], sz["Hkv"], sz["Dh"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    q = torch.randn(1, hq, n, dh, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(1, hkv, n, dh, device=device).to(dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(1, hq, n, dh, device=device).to(dtype)
+    keep = torch.rand(1, n, device=device) < 0.5
+
+    def call(m: object) -> tuple[torch.Tensor, ...]:
+        out = m.keep_masked_attention(q, k, v, keep, dh**-0.5)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    # reads q, k, v, o, dO and writes o, dq, dk, dv at least once (q-sized: q, o twice, dO, dq; kv-sized: k, v
+    # twice, dk, dv)
+    return Case("keep_masked_attention", "keep_masked_attention", dtype, f"B1 N{n} H{hq}/{hkv} Dh{dh}",
+                6 * (q.numel() + k.numel()) * es, call, mode="fwd+bwd")
+
+
+def keep_attention_baselines(device: torch.device) -> dict[str, SimpleNamespace]:
+    """Pseudo-backends for keep_masked_attention on CUDA: compiled FlexAttention (its block mask is built in
+    every call, as a training step must for new keep flags), SDPA in the input dtype with the materialised
+    boolean mask, and dense causal SDPA (no keep mask: the floor)."""
+    if device.type != "cuda":
+        return {}
+
+    def supports(op: str, dev: torch.device, dtype: torch.dtype) -> bool:
+        return op == "keep_masked_attention" and dev.type == "cuda"
+
+    def sdpa_mask(q, k, v, keep, scale):
+        n = keep.shape[1]
+        idx = torch.arange(n, device=keep.device)
+        mask = (idx[:, None] >= idx[None, :]) & (keep[:, None, None, :] | (idx[:, None] == idx[None, :]))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    def sdpa_causal(q, k, v, keep, scale):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    return {"flex.keep(compiled)": SimpleNamespace(supports=supports, keep_masked_attention=flex_keep_attention()),
+            "sdpa.bool_mask": SimpleNamespace(supports=supports, keep_masked_attention=sdpa_mask),
+            "sdpa.causal(no keep)": SimpleNamespace(supports=supports, keep_masked_attention=sdpa_causal)}
+
+
+def flex_keep_attention() -> Callable[..., torch.Tensor]:
+    """keep_masked_attention(q, k, v, keep, scale) by compiled FlexAttention: a mask_mod reading the keep flags
+    (key j visible to query i iff j <= i and (keep[b, j] or j == i)), the block mask built per call."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (keep[b, kv_idx] | (kv_idx == q_idx))
+
+        n = keep.shape[1]
+        block_mask = create_block_mask(mask_mod, keep.shape[0], None, n, n, device=keep.device)
+        return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    return run
 
 
 def norm_router_gather(m: object, x: torch.Tensor, gamma: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
@@ -136,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.smoke else 10
     modules = {name: importlib.import_module(f"mindskip_kernels.backends.{name}") for name in providers(device)}
     modules |= baselines.available(device)  # external varlen attention libraries, side by side (CUDA)
+    modules |= keep_attention_baselines(device)
     all_cases = [compaction_case(device, sz)]
     for name in args.dtypes.split(","):
         all_cases += cases(device, getattr(torch, name), sz)
@@ -154,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             speedup = ref_ms / p50 if ref_ms else float("nan")
             gbs = case.bytes / p50 / 1e6 if device.type == "cuda" else float("nan")
             dt = str(case.dtype).removeprefix("torch.")
-            rows.append(Row(case.label, name, "fwd", "time", "ms", f"{dt} {case.shape}", p50, p20, p80, dev_name))
+            rows.append(Row(case.label, name, case.mode, "time", "ms", f"{dt} {case.shape}", p50, p20, p80,
+                            dev_name))
             table.append([case.label, dt, case.shape, name, p50, p20, p80, gbs, speedup])
     print(f"device: {dev_name}, torch {torch.__version__}")
     print_table(["op", "dtype", "shape", "backend", "p50 ms", "p20 ms", "p80 ms", "GB/s", "x vs reference"], table)

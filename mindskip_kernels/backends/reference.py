@@ -135,7 +135,7 @@ def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
     n = q.shape[2]
     idx = torch.arange(n, device=q.device)
     causal = idx.view(n, 1) >= idx.view(1, n)
-    allowed = causal & (keep.view(-1, 1, 1, n) | torch.eye(n, dtype=torch.bool, device=q.device))
+    allowed = causal & (keep[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=q.device))
     out = F.scaled_dot_product_attention(q.to(ct), k.to(ct), v.to(ct), attn_mask=allowed, scale=softmax_scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.to(q.dtype)

@@ -2,8 +2,9 @@
 backward) and split-KV decode attention.
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for tests).
-Router, gather, scatter-add and varlen attention are differentiable (custom ops + autograd.Function in
-`ops`); compaction, decode attention, `router_from_hidden` and `gather_norm` are inference paths.
+Router, gather, scatter-add, varlen and keep-masked attention are differentiable; each kernel file ends with its
+custom ops (namespace `mindskip_triton`, fake implementations for torch.compile) and autograd.Function (decode's
+op is in `ops`). Compaction, decode attention, `router_from_hidden` and `gather_norm` are inference paths.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from mindskip_kernels.backends.triton import ops
+from mindskip_kernels.backends.triton import attention_bwd, compaction, gather_scatter, ops, router_kernels
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
-DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
+       "keep_masked_attention")
+# ops with a backward, see backends.resolve(needs_grad=)
+DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -34,43 +37,49 @@ def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
 def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
            granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [B, N] float32 = sigmoid(z . w) (sequence: of the real tokens' mean) and keep flags [B, N]."""
-    return ops.Router.apply(z, weight, mask, threshold, granularity == "sequence")
+    return router_kernels.Router.apply(z, weight, mask, threshold, granularity == "sequence")
 
 
 def router_from_hidden(x: torch.Tensor, gamma: torch.Tensor, eps: float, weight: torch.Tensor, mask: torch.Tensor,
                        threshold: float, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`router` on RMSNorm(x) with weight `gamma`, without writing the normalized rows:
     score = sigmoid(rstd * sum x * gamma * w). Not differentiable (inference)."""
-    return ops.router_op(x, weight, gamma, eps, mask, threshold, granularity == "sequence")
+    return router_kernels.router_op(x, weight, gamma, eps, mask, threshold, granularity == "sequence")
 
 
 def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """indices [T] int64, cu_seqlens [B+1] int32, positions [T] int64 (one host sync for T)."""
-    return ops.compact_op(keep, position_ids)
+    return compaction.compact_op(keep, position_ids)
 
 
 def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows x2d[indices] -> [T, D]."""
-    return ops.Gather.apply(x2d, indices)
+    return gather_scatter.Gather.apply(x2d, indices)
 
 
 def gather_norm(x2d: torch.Tensor, gamma: torch.Tensor, eps: float, indices: torch.Tensor) -> torch.Tensor:
     """RMSNorm(x2d[indices]) with weight gamma -> [T, D] (fp32 math, one rounding). Not differentiable."""
-    return ops.gather_norm_op(x2d, gamma, eps, indices)
+    return gather_scatter.gather_norm_op(x2d, gamma, eps, indices)
 
 
 def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                 scale: torch.Tensor | None) -> torch.Tensor:
     """A copy of residual2d with values * scale added to rows `indices` (skipped rows bit-identical)."""
-    return ops.ScatterAdd.apply(residual2d, values, indices, scale)
+    return gather_scatter.ScatterAdd.apply(residual2d, values, indices, scale)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float) -> torch.Tensor:
     """Flash attention over packed sequences (bottom-right causal, GQA) -> [Tq, Hq, Dh]."""
-    return ops.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                     softmax_scale)
+    return attention_bwd.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, softmax_scale)
+
+
+def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                          softmax_scale: float) -> torch.Tensor:
+    """Causal attention on [B, Hq, N, Dh] where query i sees key j iff j <= i and (keep[b, j] or j == i)."""
+    return attention_bwd.KeepMaskedAttention.apply(q, k, v, keep, softmax_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,

@@ -9,6 +9,7 @@ import triton.language as tl
 from mindskip_kernels.backends._alloc import empty
 
 BLOCK = 1024
+Tensor = torch.Tensor
 SCAN_BLOCK = 1024
 
 
@@ -74,3 +75,17 @@ def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tenso
         _write_kernel[(n_blocks, batch)](keep, position_ids, offsets, indices, positions, seq_len, keep.stride(0),
                                          position_ids.stride(0), position_ids.stride(1), n_blocks, BLOCK=BLOCK)
     return indices, cu_seqlens, positions
+
+
+# --- custom op (namespace mindskip_triton, fake implementation for torch.compile) -------------------------------
+
+@torch.library.custom_op("mindskip_triton::compact", mutates_args=())
+def compact_op(keep: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return compact(keep, position_ids)
+
+
+@compact_op.register_fake
+def _(keep, position_ids):
+    total = torch.library.get_ctx().new_dynamic_size()
+    return (keep.new_empty(total, dtype=torch.int64), keep.new_empty(keep.shape[0] + 1, dtype=torch.int32),
+            keep.new_empty(total, dtype=torch.int64))

@@ -10,6 +10,7 @@ from mindskip_kernels.backends._alloc import empty
 from mindskip_kernels.backends.triton._common import fix_bf16, rounded
 
 BLOCK_ROWS = 16
+Tensor = torch.Tensor
 
 
 def _block_d(dim: int) -> int:
@@ -161,3 +162,79 @@ def scatter_add_backward(grad2d: torch.Tensor, values: torch.Tensor, indices: to
             dvalues.stride(0), FIX_BF16=fix_bf16(values.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
             num_warps=4)
     return dvalues, dscale
+
+
+# --- custom ops (namespace mindskip_triton, fake implementations for torch.compile) and autograd ------------
+
+@torch.library.custom_op("mindskip_triton::gather", mutates_args=())
+def gather_op(x2d: Tensor, indices: Tensor) -> Tensor:
+    return gather(x2d, indices)
+
+
+@gather_op.register_fake
+def _(x2d, indices):
+    return x2d.new_empty(indices.shape[0], x2d.shape[1])
+
+
+@torch.library.custom_op("mindskip_triton::gather_norm", mutates_args=())
+def gather_norm_op(x2d: Tensor, gamma: Tensor, eps: float, indices: Tensor) -> Tensor:
+    return gather_norm(x2d, gamma, eps, indices)
+
+
+@gather_norm_op.register_fake
+def _(x2d, gamma, eps, indices):
+    return x2d.new_empty(indices.shape[0], x2d.shape[1])
+
+
+@torch.library.custom_op("mindskip_triton::scatter_add", mutates_args=())
+def scatter_add_op(residual2d: Tensor | None, values: Tensor, indices: Tensor, scale: Tensor | None,
+                   n_rows: int) -> Tensor:
+    return scatter_add(residual2d, values, indices, scale, n_rows)
+
+
+@scatter_add_op.register_fake
+def _(residual2d, values, indices, scale, n_rows):
+    return values.new_empty(n_rows, values.shape[1])
+
+
+@torch.library.custom_op("mindskip_triton::scatter_add_backward", mutates_args=())
+def scatter_add_backward_op(grad2d: Tensor, values: Tensor, indices: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    return scatter_add_backward(grad2d, values, indices, scale)
+
+
+@scatter_add_backward_op.register_fake
+def _(grad2d, values, indices, scale):
+    return torch.empty_like(values), torch.empty_like(scale)
+
+
+class Gather(torch.autograd.Function):
+    """Packed rows; the gradient scatters back into zeros."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, indices: Tensor):
+        ctx.save_for_backward(indices)
+        ctx.n_rows = x2d.shape[0]
+        return gather_op(x2d, indices)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        return scatter_add_op(None, grad, indices, None, ctx.n_rows), None
+
+
+class ScatterAdd(torch.autograd.Function):
+    """residual + scale * values on the kept rows; backward: the residual's gradient passes through, the
+    values get the gathered gradient (times scale), the scale gets the rows' dot products."""
+
+    @staticmethod
+    def forward(ctx, residual2d: Tensor, values: Tensor, indices: Tensor, scale: Tensor | None):
+        ctx.save_for_backward(values, indices, scale)
+        return scatter_add_op(residual2d, values, indices, scale, residual2d.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, indices, scale = ctx.saved_tensors
+        if scale is None:
+            return grad, gather_op(grad, indices), None, None
+        grad_values, grad_scale = scatter_add_backward_op(grad, values, indices, scale)
+        return grad, grad_values, None, grad_scale

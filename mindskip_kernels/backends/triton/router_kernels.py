@@ -9,6 +9,7 @@ import triton.language as tl
 from mindskip_kernels.backends._alloc import empty
 
 BLOCK_ROWS = 16
+Tensor = torch.Tensor
 
 
 @triton.jit
@@ -83,3 +84,43 @@ def launch(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor | None, ep
         _sequence_kernel[(batch,)](scores, mask, keep, seq_len, threshold,
                                    BLOCK=min(triton.next_power_of_2(seq_len), 4096), num_warps=4)
     return scores, keep
+
+
+# --- custom ops (namespace mindskip_triton, fake implementations for torch.compile) and autograd ------------
+
+@torch.library.custom_op("mindskip_triton::router", mutates_args=())
+def router_op(z: Tensor, weight: Tensor, gamma: Tensor | None, eps: float, mask: Tensor, threshold: float,
+              sequence: bool) -> tuple[Tensor, Tensor]:
+    return launch(z, weight, gamma, eps, mask, threshold, sequence)
+
+
+@router_op.register_fake
+def _(z, weight, gamma, eps, mask, threshold, sequence):
+    return z.new_empty(z.shape[:2], dtype=torch.float32), torch.empty_like(mask)
+
+
+class Router(torch.autograd.Function):
+    """Scores and keep flags; the backward (small, memory-bound) is plain PyTorch: d logit = d score * s(1-s),
+    spread to the tokens' hidden states (sequence: to the real tokens, / count) and to the weight."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Tensor, mask: Tensor, threshold: float, sequence: bool):
+        scores, keep = router_op(z, weight, None, 0.0, mask, threshold, sequence)
+        ctx.save_for_backward(z, weight, mask, scores)
+        ctx.sequence = sequence
+        ctx.mark_non_differentiable(keep)
+        return scores, keep
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor, _grad_keep: Tensor | None):
+        z, weight, mask, scores = ctx.saved_tensors
+        grad_logit = grad_scores.float() * scores * (1.0 - scores)
+        if ctx.sequence:
+            real = mask.float()
+            grad_logit = (grad_logit.sum(1) / real.sum(1).clamp_min(1.0)).unsqueeze(1) * real
+        w = weight.reshape(-1).float()
+        grad_z = (grad_logit.unsqueeze(-1) * w).to(z.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.einsum("bn,bnd->d", grad_logit, z.float()).to(weight.dtype).reshape(weight.shape)
+        return grad_z, grad_w, None, None, None
