@@ -30,6 +30,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def _rope_head_dim(head_dim: object) -> int:
+    """RoPE rotates pairs of channels: the head dim must be a positive even int."""
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int (RoPE rotates channel pairs), got {head_dim!r}")
+    return head_dim
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, H, Dh] by cos/sin [T, Dh]."""
     half = x.shape[-1] // 2
@@ -98,11 +105,13 @@ def mindskip_attention(hidden_states: torch.Tensor, router_weight: torch.Tensor,
     rows (skipped rows bit-identical).
     """
     check.tensor("hidden_states", hidden_states, ndim=3, dtypes=check.FLOAT_DTYPES)
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    check.positive_int("num_heads", num_heads)
+    check.positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
     if q_weight.shape[0] % num_heads:
         raise ValueError(f"q_weight rows ({q_weight.shape[0]}) must be num_heads ({num_heads}) x head_dim")
-    head_dim = q_weight.shape[0] // num_heads
+    head_dim = _rope_head_dim(q_weight.shape[0] // num_heads)
     qb, kb, vb, ob = biases
 
     def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -130,9 +139,13 @@ class MindSkipAttention(nn.Module):
                  head_dim: int | None = None, *, bias: bool = False, rope_theta: float = 10000.0,
                  threshold: float = 0.5, granularity: str = "token", backend: str = "auto") -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or hidden_size // num_heads
+        check.positive_int("hidden_size", hidden_size)
+        self.num_heads = check.positive_int("num_heads", num_heads)
+        self.num_kv_heads = num_heads if num_kv_heads is None else check.positive_int("num_kv_heads", num_kv_heads)
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads}), or give "
+                             f"head_dim")
+        self.head_dim = _rope_head_dim(hidden_size // num_heads if head_dim is None else head_dim)
         if num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         self.threshold = check.threshold(threshold)

@@ -62,7 +62,7 @@ def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
     if position_ids.shape[-1] != seq_len or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
         raise ValueError(f"position_ids must have shape [{batch}, {seq_len}], [1, {seq_len}] or [{seq_len}], "
                          f"got {tuple(position_ids.shape)}")
-    return position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+    return position_ids.reshape(position_ids.shape[0] if position_ids.dim() == 2 else 1, seq_len).expand(batch, seq_len)
 
 
 def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
@@ -89,8 +89,8 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     positions = _position_ids(position_ids, batch, seq_len, device)
 
     grad = needs_grad(z, router_weight)
-    scores, keep = resolve(backend, "router", device, z.dtype, grad).router(z, router_weight, mask, threshold,
-                                                                             granularity)
+    op = resolve(backend, "router", device, z.dtype, grad, empty=z.numel() == 0)
+    scores, keep = op.router(z, router_weight, mask, threshold, granularity)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
     # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
     exact = device.type == "cpu" and batch > 0
@@ -109,8 +109,8 @@ def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
 def gather(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
     """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`."""
     _check_rows("x", x, plan)
-    op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x))
-    return op.gather(x.reshape(-1, x.shape[-1]), plan.indices)
+    op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x), empty=x.numel() == 0)
+    return op.gather(x.reshape(plan.batch_size * plan.seq_len, x.shape[-1]), plan.indices)
 
 
 def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
@@ -128,6 +128,8 @@ def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
         check.tensor("scale", scale, ndim=1, dtypes=check.FLOAT_DTYPES)
         check.shape_match("scale", scale, (plan.num_kept,), "one gate per kept token")
     check.same_device(residual=residual, values=values, scale=scale)
-    op = resolve(backend, "scatter_add", residual.device, residual.dtype, needs_grad(residual, values, scale))
-    out = op.scatter_add(residual.reshape(-1, residual.shape[-1]), values, plan.indices, scale)
+    op = resolve(backend, "scatter_add", residual.device, residual.dtype, needs_grad(residual, values, scale),
+                 empty=residual.numel() == 0)
+    rows = residual.reshape(plan.batch_size * plan.seq_len, residual.shape[-1])
+    out = op.scatter_add(rows, values, plan.indices, scale)
     return out.view_as(residual)

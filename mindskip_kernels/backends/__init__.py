@@ -48,9 +48,17 @@ def _differentiable(mod: ModuleType, op: str) -> bool:
     return op in getattr(mod, "DIFFERENTIABLE", ())
 
 
-def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False) -> ModuleType:
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False,
+            empty: bool = False) -> ModuleType:
     """The backend module that runs `op` for tensors on `device` with `dtype` (with a backward when
-    `needs_grad`), or a clear error."""
+    `needs_grad`), or a clear error. With `empty` (an input with no elements) the choice is checked as usual
+    but the reference runs: there is no work for a kernel, and zero-size corners (D = 0, B = 0) need no
+    special case in every kernel."""
+    mod = _resolve(backend, op, device, dtype, needs_grad)
+    return _module("reference") if empty else mod
+
+
+def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> ModuleType:
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":

@@ -33,10 +33,10 @@ def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold:
     if granularity == "token":
         scores = torch.sigmoid(z.to(ct) @ w)
     else:
-        m = mask.to(ct)
-        zsum = torch.einsum("bn,bnd->bd", m, z.to(ct))
-        zmean = zsum / m.sum(1).clamp_min(1.0).unsqueeze(1)
-        scores = torch.sigmoid(zmean @ w).unsqueeze(1).expand_as(m)
+        # padding is left out by selection: a NaN/Inf in a pad row times 0 would still poison the sum
+        zsum = torch.where(mask.unsqueeze(-1), z.to(ct), 0.0).sum(1)
+        zmean = zsum / mask.sum(1, dtype=ct).clamp_min(1.0).unsqueeze(1)
+        scores = torch.sigmoid(zmean @ w).unsqueeze(1).expand(mask.shape)
     keep = (scores >= threshold) & mask
     return scores, keep
 
@@ -61,15 +61,17 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 
 
 def _to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, tuple]:
-    """Packed [T,H,D] -> padded [B,H,L,D] plus the (sequence, offset) index of every packed row."""
+    """Packed [T,H,D] -> padded [B,H,L,D] plus the (sequence, offset) index of every packed row.
+
+    Rows past cu_seqlens[-1] (unused, may hold anything) land in a spare sequence B that is dropped."""
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.long()
     rows = torch.arange(x.shape[0], device=x.device)
     seq = torch.searchsorted(cu[1:], rows, right=True)
-    offset = rows - cu.index_select(0, seq)
-    padded = x.new_zeros(batch, max_len, x.shape[1], x.shape[2])
+    offset = torch.where(seq < batch, rows - cu.index_select(0, seq), 0)
+    padded = x.new_zeros(batch + 1, max_len, x.shape[1], x.shape[2])
     padded[seq, offset] = x
-    return padded.transpose(1, 2), (seq, offset)
+    return padded[:batch].transpose(1, 2), (seq, offset)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
