@@ -47,6 +47,15 @@ def granularity(value: str) -> str:
     return value
 
 
+def backend(value: object) -> str:
+    """One of the backend names (checked where it is stored, not only when an op first runs)."""
+    from mindskip_kernels.backends import NAMES
+
+    if value not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {value!r}")
+    return value
+
+
 def shape_match(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")

@@ -390,8 +390,16 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike, t
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a transformers directory or hub name, or a `.gguf` file (dequantized)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               tokenizer: str | os.PathLike | None = None):
+    """(model, tokenizer) from a transformers directory or hub name, or a `.gguf` file (dequantized).
+
+    `tokenizer`: a directory or hub name to take the tokenizer from (default: the model's own), for a model
+    folder saved without one; a local folder without tokenizer files is a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.fspath(path)
@@ -400,13 +408,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {path} does not exist")
         path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tok_path, tok_kwargs = (path, kwargs) if tokenizer is None else (os.fspath(tokenizer), {})
+    if (not tok_kwargs and os.path.isdir(tok_path)
+            and not any(os.path.isfile(os.path.join(tok_path, f)) for f in TOKENIZER_FILES)):
+        raise ValueError(f"{tok_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give one with "
+                         f"--tokenizer DIR_OR_HUB_NAME (load_model(..., tokenizer=...) in Python), or save it into "
+                         f"the folder with tokenizer.save_pretrained({tok_path!r})")
+    tok = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
-    return model.eval(), tokenizer
+    return model.eval(), tok
 
 
 def _add_common(p, data_help: str) -> None:
     p.add_argument("--model", required=True, help="transformers model directory (or hub name) or a .gguf file")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or hub name (default: the model's), for a model saved without one")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512, help="tokens per item (longer ones are cut / split)")
@@ -455,7 +471,7 @@ def _load(args):
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return load_model(args.model, device=device)
+    return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 
 def _tune_command(args) -> int:

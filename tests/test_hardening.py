@@ -145,3 +145,40 @@ def test_zero_size_varlen_attention(backend, lengths_q, lengths_k):
     k = v = torch.randn(sum(lengths_k), 2, 16)
     out = mk.varlen_attention(q, k, v, cu_q, cu_k, max(lengths_q, default=0), 0, backend=backend)
     assert torch.equal(out, torch.zeros_like(q)), "a query that sees no key gets zeros"
+
+
+# ---- `mindskip tune --model DIR` where DIR has no tokenizer -----------------------------------------------------
+
+def _word_tokenizer():
+    """A small real tokenizer (word level, built here: no download)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "the", "fox", "dog"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                                unk_token="<unk>")
+
+
+def test_model_folder_without_tokenizer(tmp_path, capsys):
+    """The error names DIR and says how to give a tokenizer; --tokenizer DIR loads one from elsewhere."""
+    import transformers
+
+    from mindskip_kernels.cli import main
+    from mindskip_kernels.tuning import load_model
+
+    config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    data = tmp_path / "d.txt"
+    data.write_text("the fox the dog " * 8)
+    args = ["tune", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--steps", "1", "--layers", "1", "--backend", "reference"]
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model'} has no tokenizer .*--tokenizer"):
+        main(args)
+    _word_tokenizer().save_pretrained(tmp_path / "tok")
+    model, tok = load_model(tmp_path / "model", tokenizer=tmp_path / "tok")
+    assert tok("the fox")["input_ids"] == [3, 4] and model.config.vocab_size == 6
+    main(args + ["--tokenizer", str(tmp_path / "tok")])
+    assert (tmp_path / "out" / "mindskip.json").is_file()
