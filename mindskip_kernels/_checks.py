@@ -56,6 +56,18 @@ def backend(value: object) -> str:
     return value
 
 
+def norm(value: object, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An RMSNorm given as (weight [D] over x's last dim, eps >= 0)."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise TypeError(f"norm must be a (weight, eps) tuple of an RMSNorm, got {type(value).__name__}")
+    gamma, eps = value
+    tensor("norm weight", gamma, ndim=1, dtypes=FLOAT_DTYPES)
+    shape_match("norm weight", gamma, (x.shape[-1],), "RMSNorm weight over the hidden size")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"norm eps must be a number >= 0, got {eps!r}")
+    return gamma, float(eps)
+
+
 def shape_match(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")

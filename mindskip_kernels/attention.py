@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mindskip_kernels import _checks as check
+from mindskip_kernels.backends import needs_grad
+from mindskip_kernels.backends.reference import rms_norm
 from mindskip_kernels.ops import varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
 
@@ -62,9 +64,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  training: bool = False, backend: str = "auto"
+                  norm: tuple[torch.Tensor, float] | None = None, training: bool = False, backend: str = "auto"
                   ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
+
+    With `norm` = (weight, eps) of the sub-layer's RMSNorm, z is the un-normalized hidden state x and the
+    sub-layer reads RMSNorm(x) (transformers' numerics). In inference that is fused: one pass over x computes
+    the norm statistics and the router scores ("router_from_hidden"), and only the kept rows are normalized,
+    as they are packed ("gather_norm"). Training (or grad through x) normalizes every row first.
 
     `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
     (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
@@ -72,8 +79,10 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     and keep_rate is the fraction of real tokens kept, as a tensor through which a sparsity loss reaches the
     router; in inference keep_rate is None (no extra work on the hot path: derive it from plan.keep).
     """
+    if norm is not None and (training or needs_grad(z, router_weight, norm[0])):
+        z, norm = rms_norm(z, *check.norm(norm, z)), None
     plan = route(z, router_weight, threshold=threshold, granularity=granularity,
-                 attention_mask=attention_mask, position_ids=position_ids, backend=backend)
+                 attention_mask=attention_mask, position_ids=position_ids, norm=norm, backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
@@ -84,7 +93,7 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
         keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
     if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
         return base.clone(), plan, keep_rate
-    values = attend(gather(z, plan, backend=backend), plan)
+    values = attend(gather(z, plan, norm=norm, backend=backend), plan)
     scale = None if gate is None else gate.reshape(-1).index_select(0, plan.indices)
     out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)
     return out, plan, keep_rate

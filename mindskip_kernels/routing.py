@@ -67,13 +67,15 @@ def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
 
 def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-          backend: str = "auto") -> RoutingPlan:
+          norm: tuple[torch.Tensor, float] | None = None, backend: str = "auto") -> RoutingPlan:
     """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
     compact the kept tokens.
 
     z: [B, N, D] normalized hidden states (the input of attention); router_weight: [1, D] or [D];
     attention_mask: [B, N], nonzero = real token (padding is never kept and is excluded from the
     sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
+    norm: (weight [D], eps) of an RMSNorm; then z is the un-normalized hidden state and the router reads
+    RMSNorm(z) (op "router_from_hidden": one pass over z, the normalized rows are never written).
     """
     check.tensor("z", z, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("router_weight", router_weight, ndim=(1, 2), dtypes=check.FLOAT_DTYPES)
@@ -88,9 +90,16 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     mask = _padding_mask(attention_mask, batch, seq_len, device)
     positions = _position_ids(position_ids, batch, seq_len, device)
 
-    grad = needs_grad(z, router_weight)
-    op = resolve(backend, "router", device, z.dtype, grad, empty=z.numel() == 0)
-    scores, keep = op.router(z, router_weight, mask, threshold, granularity)
+    if norm is None:
+        grad = needs_grad(z, router_weight)
+        op = resolve(backend, "router", device, z.dtype, grad, empty=z.numel() == 0)
+        scores, keep = op.router(z, router_weight, mask, threshold, granularity)
+    else:
+        gamma, eps = check.norm(norm, z)
+        check.same_device(z=z, **{"norm weight": gamma})
+        grad = needs_grad(z, router_weight, gamma)
+        op = resolve(backend, "router_from_hidden", device, z.dtype, grad, empty=z.numel() == 0)
+        scores, keep = op.router_from_hidden(z, gamma, eps, router_weight, mask, threshold, granularity)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
     # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
     exact = device.type == "cpu" and batch > 0
@@ -106,11 +115,19 @@ def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
     check.same_device(**{name: x, "plan.indices": plan.indices})
 
 
-def gather(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
-    """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`."""
+def gather(x: torch.Tensor, plan: RoutingPlan, *, norm: tuple[torch.Tensor, float] | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`; with `norm` = (weight [D], eps) of an RMSNorm,
+    those rows normalized (op "gather_norm": only kept rows are normalized, fused with the copy)."""
     _check_rows("x", x, plan)
-    op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x), empty=x.numel() == 0)
-    return op.gather(x.reshape(plan.batch_size * plan.seq_len, x.shape[-1]), plan.indices)
+    rows = x.reshape(plan.batch_size * plan.seq_len, x.shape[-1])
+    if norm is None:
+        op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x), empty=x.numel() == 0)
+        return op.gather(rows, plan.indices)
+    gamma, eps = check.norm(norm, x)
+    check.same_device(x=x, **{"norm weight": gamma})
+    op = resolve(backend, "gather_norm", x.device, x.dtype, needs_grad(x, gamma), empty=x.numel() == 0)
+    return op.gather_norm(rows, gamma, eps, plan.indices)
 
 
 def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,

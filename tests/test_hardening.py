@@ -9,7 +9,7 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.attention import MindSkipAttention
 from mindskip_kernels.backends import compiled
-from tests.harness import backend_params
+from tests.harness import assert_within_rule, backend_params
 
 BACKENDS = backend_params()
 
@@ -123,14 +123,16 @@ ZERO_SHAPES = [(0, 5, 8), (2, 0, 8), (2, 5, 0), (0, 0, 0)]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", ZERO_SHAPES)
-def test_zero_size_routing(backend, shape):
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_zero_size_routing(backend, shape, fused_norm):
     b, n, d = shape
     x = torch.randn(shape)
-    plan = mk.route(x, torch.randn(d), threshold=0.0, position_ids=torch.zeros(b, n, dtype=torch.long),
+    norm = (torch.rand(d), 1e-6) if fused_norm else None
+    plan = mk.route(x, torch.randn(d), threshold=0.0, position_ids=torch.zeros(b, n, dtype=torch.long), norm=norm,
                     backend=backend)
     assert plan.scores.shape == (b, n) and plan.cu_seqlens.tolist() == [n * i for i in range(b + 1)]
     torch.testing.assert_close(plan.scores, torch.full((b, n), 0.5))  # sigmoid of an empty dot product
-    packed = mk.gather(x, plan, backend=backend)
+    packed = mk.gather(x, plan, norm=norm, backend=backend)
     assert packed.shape == (b * n, d)
     out = mk.scatter_add(x, torch.randn(b * n, d), plan, torch.rand(b * n), backend=backend)
     assert out.shape == x.shape
@@ -145,6 +147,66 @@ def test_zero_size_varlen_attention(backend, lengths_q, lengths_k):
     k = v = torch.randn(sum(lengths_k), 2, 16)
     out = mk.varlen_attention(q, k, v, cu_q, cu_k, max(lengths_q, default=0), 0, backend=backend)
     assert torch.equal(out, torch.zeros_like(q)), "a query that sees no key gets zeros"
+
+
+# ---- RMSNorm fused into the router and the gather (route(norm=), gather(norm=)) --------------------------------
+
+def test_reference_rms_norm_is_transformers():
+    """The reference norm is bit-identical to the RMSNorm of the models the HF integration patches."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mindskip_kernels.backends.reference import rms_norm
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        ln = LlamaRMSNorm(40, eps=1e-5).to(dtype)
+        torch.nn.init.normal_(ln.weight, 1.0, 0.2)
+        x = (3 * torch.randn(2, 7, 40)).to(dtype)
+        assert torch.equal(rms_norm(x, ln.weight, ln.variance_epsilon), ln(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 97, 40)])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fused_norm_route_and_gather(backend, dtype, shape, granularity):
+    """route/gather with norm= against RMSNorm then route/gather, in fp64 (the tolerance rule), with NaN in the
+    padding rows of x (never read into a score or a packed row)."""
+    from mindskip_kernels.backends.reference import rms_norm
+
+    b, n, d = shape
+    x = (3 * torch.randn(shape)).to(dtype)
+    gamma, w = (1 + 0.1 * torch.randn(d)).to(dtype), (torch.randn(d) / d**0.5).to(dtype)
+    mask = torch.ones(b, n, dtype=torch.long)
+    if n > 1:
+        mask[0, : n // 3] = 0
+        x[0, 0] = float("nan")
+    kwargs = dict(granularity=granularity, attention_mask=mask)
+    plan = mk.route(x, w, norm=(gamma, 1e-5), backend=backend, **kwargs)
+    low = mk.route(rms_norm(x, gamma, 1e-5), w, backend="reference", **kwargs)
+    z64 = rms_norm(x.double(), gamma.double(), 1e-5)
+    truth = mk.route(z64, w.double(), backend="reference", **kwargs)
+    real = mask.bool()
+    assert_within_rule(plan.scores[real], low.scores[real], truth.scores[real], "scores")
+    clear = (truth.scores - 0.5).abs() > 1e-2
+    assert torch.equal(plan.keep[clear], truth.keep[clear])
+    packed = mk.gather(x, truth, norm=(gamma, 1e-5), backend=backend)
+    assert packed.dtype == dtype
+    assert_within_rule(packed, mk.gather(rms_norm(x, gamma, 1e-5), truth, backend="reference"),
+                       mk.gather(z64, truth, backend="reference"), "gather_norm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_norm_bad_input(backend):
+    x, w, plan = torch.randn(1, 4, 8), torch.randn(8), None
+    with pytest.raises(ValueError, match=r"norm weight must have shape \(8,\)"):
+        mk.route(x, w, norm=(torch.ones(7), 1e-6), backend=backend)
+    with pytest.raises(ValueError, match="norm eps must be a number >= 0"):
+        mk.route(x, w, norm=(torch.ones(8), -1.0), backend=backend)
+    with pytest.raises(TypeError, match="norm must be a \\(weight, eps\\) tuple"):
+        mk.route(x, w, norm=torch.ones(8), backend=backend)
+    plan = mk.route(x, w, backend=backend)
+    with pytest.raises(TypeError, match="norm weight must have dtype"):
+        mk.gather(x, plan, norm=(torch.ones(8, dtype=torch.int32), 1e-6), backend=backend)
 
 
 # ---- `mindskip tune --model DIR` where DIR has no tokenizer -----------------------------------------------------

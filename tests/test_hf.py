@@ -291,3 +291,27 @@ def test_paper_format_file_granularity(tmp_path):
         mk.load_routers(tiny_model("llama"), path, granularity="layer")
     with pytest.raises(ValueError, match="backend must be one of"):
         mk.apply_mindskip(tiny_model("llama"), backend="cuda")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fused_norm_equals_the_models_own_norm(arch, granularity):
+    """Inference fuses input_layernorm into the router and the gather; the routing and the logits equal the
+    unfused path (the model's own RMSNorm module, then route and gather), padding and cached decode included."""
+    model = tiny_model(arch)
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity)
+    randomize_routers(model)
+    unfused = copy.deepcopy(model)
+    for layer in mindskip_layers(unfused).values():
+        layer.mindskip.fuse_norm = False
+    ids, mask = _padded_batch([torch.randint(0, 97, (n,)) for n in (13, 6, 9)], 13)
+    with torch.no_grad():
+        outs = [m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True) for m in (model, unfused)]
+        plans = [{i: layer.mindskip.last_plan.keep for i, layer in mindskip_layers(m).items()}
+                 for m in (model, unfused)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert all(torch.equal(plans[0][i], plans[1][i]) for i in plans[0])
+    assert any(0 < r < 1 for r in keep_rates(model).values()) or granularity == "sequence"

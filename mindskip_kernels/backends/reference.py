@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "reference"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
-       "paged_decode_attention", "keep_masked_attention")
+OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
+       "decode_attention", "paged_decode_attention", "keep_masked_attention")
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -41,6 +41,20 @@ def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold:
     return scores, keep
 
 
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with the numerics of transformers' Llama/Qwen RMSNorm: variance in fp32 (fp64
+    stays fp64), `gamma * normed.to(x.dtype)`; returns x's dtype."""
+    xc = x.to(compute_dtype(x.dtype))
+    normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return (gamma * normed.to(x.dtype)).to(x.dtype)
+
+
+def router_from_hidden(x: torch.Tensor, gamma: torch.Tensor, eps: float, weight: torch.Tensor, mask: torch.Tensor,
+                       threshold: float, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`router` on RMSNorm(x) * gamma: x [B,N,D] is the un-normalized hidden state."""
+    return router(rms_norm(x, gamma, eps), weight, mask, threshold, granularity)
+
+
 def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """indices [T] (flat b*N+n, ascending), cu_seqlens [B+1] int32, positions [T] int64."""
     indices = keep.reshape(-1).nonzero().squeeze(1)
@@ -51,6 +65,11 @@ def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tenso
 
 def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x2d.index_select(0, indices)
+
+
+def gather_norm(x2d: torch.Tensor, gamma: torch.Tensor, eps: float, indices: torch.Tensor) -> torch.Tensor:
+    """RMSNorm(x2d[indices]) * gamma -> [T, D]: only the gathered rows are normalized."""
+    return rms_norm(x2d.index_select(0, indices), gamma, eps)
 
 
 def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

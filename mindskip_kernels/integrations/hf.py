@@ -44,6 +44,7 @@ class LayerState:
     granularity: str
     backend: str
     model_state: ModelState
+    fuse_norm: bool = True  # inference: input_layernorm (RMSNorm) fused into the router and the gather
     last_plan: RoutingPlan | None = field(default=None, repr=False)
     last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
     last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
@@ -180,10 +181,12 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
         real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
         threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
     attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+    ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
     hidden_states, plan, keep_rate = routed_update(
-        self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
-        threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
-        training=self.training, backend=st.backend)
+        hidden_states if st.fuse_norm else ln(hidden_states), self.router.weight, attend, residual=hidden_states,
+        norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=threshold,
+        granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids, training=self.training,
+        backend=st.backend)
     if layer_cache is not None:
         layer_cache.seen += seq_len
         if st.granularity == "sequence" and decided is None:

@@ -15,7 +15,8 @@ from mindskip_kernels.backends.triton import ops
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
+       "decode_attention")
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
