@@ -13,6 +13,33 @@ from tests.harness import assert_within_rule, backend_params
 
 BACKENDS = backend_params()
 
+# ---- the backend contract (backends/__init__.py) is what the modules do -----------------------------------------
+
+@pytest.mark.parametrize("name", ["reference", "compiled", "triton"])
+def test_backend_contract_table_is_true(name):
+    import importlib
+
+    from mindskip_kernels.backends import CONTRACT, available
+
+    if not available()[name]:
+        pytest.skip(f"backend {name!r} not available here")
+    mod = importlib.import_module(f"mindskip_kernels.backends.{name}")
+    listed = {op for op, row in CONTRACT.items() if name in row}
+    claimed = {op for op in CONTRACT if mod.supports(op, torch.device("cuda"), torch.float32)
+               or mod.supports(op, torch.device("cpu"), torch.float32)}
+    if name == "compiled" and not compiled.build_info().get("cuda"):
+        listed = {op for op in listed if "cpu" in CONTRACT[op][name][0]}
+    assert claimed == listed
+    for op in listed:
+        devices, backward = CONTRACT[op][name]
+        assert (op in getattr(mod, "DIFFERENTIABLE", ())) == backward, op
+        assert callable(getattr(mod, op.removeprefix("paged_"))), op
+        if name == "compiled":
+            assert mod.supports(op, torch.device("cpu"), torch.float16) == ("cpu" in devices), op
+        if "any" in devices:
+            assert mod.supports(op, torch.device("meta"), torch.float64), op
+
+
 # ---- varlen_attention: one shared check of cu_seqlens / max_seqlen ------------------------------------------
 
 # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on q/k/v of 6 rows, and the expected message

@@ -1,7 +1,33 @@
 """Backend registry: resolves `backend=` ("auto", "reference", "triton", "compiled") per op, device and dtype.
 
-A backend module has `supports(op, device, dtype) -> bool` and may list in `DIFFERENTIABLE` the ops that
-have a backward; when an input requires grad, "auto" skips backends without one.
+The backend contract. A backend is a module `mindskip_kernels.backends.<name>` with
+`supports(op, device, dtype) -> bool`, `DIFFERENTIABLE` (the ops with a backward; when an input requires
+grad, "auto" skips backends without one) and, for each op it supports, a function of the op's name taking
+the reference's arguments (`paged_decode_attention` is `decode_attention` with a `block_table`). Arguments
+are checked once, in the public functions (`_checks`), before any backend runs, so every backend raises the
+same errors; inputs with no elements run on the reference (`resolve(empty=True)`).
+
+Which backend has which op, on which devices, and whether it has a backward (`CONTRACT`, checked against
+the modules in tests/test_hardening.py):
+
+| op                     | reference      | compiled (_C)         | triton                 |
+|------------------------|----------------|-----------------------|------------------------|
+| router                 | any, backward  | CPU, CUDA             | CUDA, backward         |
+| router_from_hidden     | any, backward  | CPU, CUDA             | CUDA                   |
+| compact                | any, backward  | CPU, CUDA             | CUDA                   |
+| gather                 | any, backward  | CPU, CUDA             | CUDA, backward         |
+| gather_norm            | any, backward  | CPU, CUDA             | CUDA                   |
+| scatter_add            | any, backward  | CPU, CUDA             | CUDA, backward         |
+| varlen_attention       | any, backward  | CPU                   | CUDA, backward         |
+| decode_attention       | any, backward  | CPU, CUDA             | CUDA                   |
+| paged_decode_attention | any, backward  | -                     | -                      |
+| keep_masked_attention  | any, backward  | -                     | - (coming)             |
+
+dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
+and gather any dtype); triton fp16/bf16/fp32. "any" = any device torch runs on (fp64-able: the truth for
+tests). Compiled CUDA kernels need `_C` built with CUDA; triton runs CPU tensors only under
+`TRITON_INTERPRET=1` (tests). "auto" prefers triton, then compiled, then the reference on CUDA, and
+compiled, then the reference on the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +41,22 @@ NAMES = ("auto", "reference", "triton", "compiled")
 # "auto" preference order: the fastest first.
 PREFERENCE = {"cuda": ("triton", "compiled", "reference"), "cpu": ("compiled", "reference")}
 
+
+# op -> backend -> (device types with a kernel, has a backward): the table above, as data
+CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
+    "router": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "router_from_hidden": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
+                           "triton": (("cuda",), False)},
+    "compact": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), False)},
+    "gather": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "gather_norm": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), False)},
+    "scatter_add": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False), "triton": (("cuda",), True)},
+    "decode_attention": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
+                         "triton": (("cuda",), False)},
+    "paged_decode_attention": {"reference": (("any",), True)},
+    "keep_masked_attention": {"reference": (("any",), True)},
+}
 
 _MODULES: dict[str, ModuleType | None] = {}
 
