@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -71,6 +73,15 @@ def norm(value: object, x: torch.Tensor) -> tuple[torch.Tensor, float]:
 def shape_match(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def softmax_scale(value: object, head_dim: int) -> float:
+    """The attention logit scale: a finite number, default 1 / sqrt(head_dim)."""
+    if value is None:
+        return head_dim ** -0.5
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(head dim)), got {value!r}")
+    return float(value)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -118,9 +118,16 @@ def mindskip_attention(hidden_states: torch.Tensor, router_weight: torch.Tensor,
     check.positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    check.tensor("q_weight", q_weight, ndim=2, dtypes=check.FLOAT_DTYPES)
     if q_weight.shape[0] % num_heads:
         raise ValueError(f"q_weight rows ({q_weight.shape[0]}) must be num_heads ({num_heads}) x head_dim")
     head_dim = _rope_head_dim(q_weight.shape[0] // num_heads)
+    hidden, inner, kv = hidden_states.shape[-1], num_heads * head_dim, num_kv_heads * head_dim
+    for name, w, shape in (("q_weight", q_weight, (inner, hidden)), ("k_weight", k_weight, (kv, hidden)),
+                           ("v_weight", v_weight, (kv, hidden)), ("o_weight", o_weight, (hidden, inner))):
+        check.tensor(name, w, ndim=2, dtypes=check.FLOAT_DTYPES)
+        check.shape_match(name, w, shape, f"{num_heads} query / {num_kv_heads} key-value heads of dim {head_dim}, "
+                                          f"hidden size {hidden}")
     qb, kb, vb, ob = biases
 
     def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -160,7 +167,7 @@ class MindSkipAttention(nn.Module):
         self.threshold = check.threshold(threshold)
         self.granularity = check.granularity(granularity)
         self.rope_theta = rope_theta
-        self.backend = backend
+        self.backend = check.backend(backend)
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)

@@ -34,9 +34,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"({k.shape[1]}) for grouped-query attention")
     check.varlen_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     check.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = check.softmax_scale(softmax_scale, q.shape[-1])
     op = resolve(backend, "varlen_attention", q.device, q.dtype, needs_grad(q, k, v),
-                 empty=q.numel() == 0 or k.numel() == 0)
+                 empty=q.numel() == 0 or k.numel() == 0, head_dim=q.shape[-1])
     return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 

@@ -108,6 +108,8 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
 
 
 def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from mindskip_kernels.route), got {type(plan).__name__}")
     check.tensor(name, x, ndim=3, dtypes=check.FLOAT_DTYPES)
     if tuple(x.shape[:2]) != tuple(plan.keep.shape):
         raise ValueError(f"{name} must have shape [B, N, D] with [B, N] = {tuple(plan.keep.shape)} "

@@ -130,6 +130,40 @@ def test_functional_odd_head_dim_raises():
         mk.mindskip_attention(x, torch.zeros(21), w, w, w, w, num_heads=3, num_kv_heads=3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_head_dim_above_the_kernels_limit(backend):
+    """Head dim 264 > 256: the kernel backends say so (the same message), auto and the reference compute it."""
+    q, k, v = (torch.randn(5, 2, 264) for _ in range(3))
+    cu = torch.tensor([0, 2, 5])
+    expect = mk.varlen_attention(q, k, v, cu, cu, 3, 3, backend="reference")
+    torch.testing.assert_close(mk.varlen_attention(q, k, v, cu, cu, 3, 3, backend="auto"), expect)
+    if backend != "reference":
+        with pytest.raises(ValueError, match=f"backend '{backend}' supports head dims up to 256 for "
+                                             f"varlen_attention, got 264"):
+            mk.varlen_attention(q, k, v, cu, cu, 3, 3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", ["x", float("nan"), float("inf"), True])
+def test_varlen_bad_softmax_scale(backend, scale):
+    q = torch.randn(4, 2, 8)
+    cu = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number"):
+        mk.varlen_attention(q, q, q, cu, cu, 4, 4, softmax_scale=scale, backend=backend)
+
+
+def test_functional_weight_shapes_and_plan_type():
+    x, w = torch.randn(1, 3, 16), torch.randn(16, 16)
+    with pytest.raises(ValueError, match=r"k_weight must have shape \(8, 16\)"):
+        mk.mindskip_attention(x, torch.zeros(16), w, torch.randn(5, 16), w, w, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"o_weight must have shape \(16, 16\)"):
+        mk.mindskip_attention(x, torch.zeros(16), w, w, w, torch.randn(16, 8), num_heads=4, num_kv_heads=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MindSkipAttention(16, 4, backend="gpu")
+    with pytest.raises(TypeError, match="plan must be a RoutingPlan"):
+        mk.gather(x, "plan")
+
+
 # ---- the sequence router excludes padding by selection --------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

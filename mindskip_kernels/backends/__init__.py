@@ -25,7 +25,8 @@ the modules in tests/test_hardening.py):
 
 dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
 and gather any dtype); triton fp16/bf16/fp32. "any" = any device torch runs on (fp64-able: the truth for
-tests). Compiled CUDA kernels need `_C` built with CUDA; triton runs CPU tensors only under
+tests). The attention kernels of compiled and triton take head dims up to `MAX_HEAD_DIM` (256; "auto" runs
+larger ones on the reference). Compiled CUDA kernels need `_C` built with CUDA; triton runs CPU tensors only under
 `TRITON_INTERPRET=1` (tests). "auto" prefers triton, then compiled, then the reference on CUDA, and
 compiled, then the reference on the CPU.
 """
@@ -57,6 +58,8 @@ CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "paged_decode_attention": {"reference": (("any",), True)},
     "keep_masked_attention": {"reference": (("any",), True)},
 }
+
+MAX_HEAD_DIM = 256  # the attention kernels' limit (csrc/mindskip.h kMaxHeadDim, triton attention_fwd.py)
 
 _MODULES: dict[str, ModuleType | None] = {}
 
@@ -91,22 +94,25 @@ def _differentiable(mod: ModuleType, op: str) -> bool:
 
 
 def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False,
-            empty: bool = False) -> ModuleType:
+            empty: bool = False, head_dim: int | None = None) -> ModuleType:
     """The backend module that runs `op` for tensors on `device` with `dtype` (with a backward when
-    `needs_grad`), or a clear error. With `empty` (an input with no elements) the choice is checked as usual
-    but the reference runs: there is no work for a kernel, and zero-size corners (D = 0, B = 0) need no
-    special case in every kernel."""
-    mod = _resolve(backend, op, device, dtype, needs_grad)
+    `needs_grad`) and, for attention, `head_dim`, or a clear error. With `empty` (an input with no elements)
+    the choice is checked as usual but the reference runs: there is no work for a kernel, and zero-size
+    corners (D = 0, B = 0) need no special case in every kernel."""
+    mod = _resolve(backend, op, device, dtype, needs_grad, head_dim)
     return _module("reference") if empty else mod
 
 
-def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> ModuleType:
+def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
+             head_dim: int | None) -> ModuleType:
+    big_heads = head_dim is not None and head_dim > MAX_HEAD_DIM
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
         for name in PREFERENCE.get(device.type, ("reference",)):
             mod = _module(name)
-            if mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op)):
+            if (mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op))
+                    and (not big_heads or name == "reference")):
                 return mod
         raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
     mod = _module(backend)
@@ -118,6 +124,9 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
     if not mod.supports(op, device, dtype):
         raise ValueError(f"backend {backend!r} does not support {op} for {str(dtype).removeprefix('torch.')} "
                          f"tensors on {device.type}; use backend='auto' or 'reference'")
+    if big_heads and backend != "reference":
+        raise ValueError(f"backend {backend!r} supports head dims up to {MAX_HEAD_DIM} for {op}, got {head_dim}; "
+                         f"use backend='auto' or 'reference'")
     if needs_grad and not _differentiable(mod, op):
         raise ValueError(f"backend {backend!r} has no backward for {op} and an input requires grad; use "
                          f"backend='auto' or 'reference' for training")
