@@ -79,8 +79,10 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     and keep_rate is the fraction of real tokens kept, as a tensor through which a sparsity loss reaches the
     router; in inference keep_rate is None (no extra work on the hot path: derive it from plan.keep).
     """
-    if norm is not None and (training or needs_grad(z, router_weight, norm[0])):
-        z, norm = rms_norm(z, *check.norm(norm, z)), None
+    if norm is not None:
+        norm = check.norm(norm, z)
+        if training or needs_grad(z, router_weight, norm[0]):  # every row normalized, then the unfused path
+            z, norm = rms_norm(z, *norm), None
     plan = route(z, router_weight, threshold=threshold, granularity=granularity,
                  attention_mask=attention_mask, position_ids=position_ids, norm=norm, backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
