@@ -3,6 +3,7 @@
     python benchmarks/bench_e2e.py                    # CPU: small Llama (8 layers, hidden 512), 1 x 2048 tokens
     python benchmarks/bench_e2e.py --model llama3-8b  # default on CUDA: Llama-3-8B shapes, bf16, random weights
     python benchmarks/bench_e2e.py --skip 0 0.25 0.5 0.75 --csv out.csv --plot out.png
+    python benchmarks/bench_e2e.py --compare-fused    # prefill: RMSNorm fused into router + gather, or not
 
 Routers sit on the last half of the layers minus the final one (the paper's choice). For each skip
 fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its tokens
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
@@ -75,6 +77,42 @@ def decode(model, prefilled, steps: int):
     return cache
 
 
+def compare_fused(model, ids, skips: list[float], device: torch.device, repeats: int, dev: str) -> list[Row]:
+    """Prefill with the input RMSNorm fused into the router and the gather vs the model's own norm module then
+    route and gather, timed alternately on the same model (one call each per round: drift hits both alike)."""
+    layers = mindskip_layers(model).values()
+
+    def run(fused: bool) -> float:
+        for layer in layers:
+            layer.mindskip.fuse_norm = fused
+        return measure(lambda: prefill(model, ids, lambda: new_cache(model)), device, warmup=0, repeats=1)[0]
+
+    rows, table = [], []
+    for skip in skips:
+        calibrate(model, ids, skip)
+        run(True), run(False)  # warm-up
+        times = {True: [], False: []}
+        for _ in range(repeats):
+            for fused in (True, False):
+                times[fused].append(run(fused))
+        stats = {}
+        for fused, ts in times.items():
+            q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+            stats[fused] = (statistics.median(ts), q[1], q[7])
+            rows.append(Row("e2e", "mindskip-" + ("fused" if fused else "unfused") + "-norm", "prefill", "time",
+                            "ms", f"{skip}", *stats[fused], dev))
+        ratios = [u / f for f, u in zip(times[True], times[False], strict=True)]  # paired: same round
+        rq = statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 9
+        table.append([f"{skip:.0%}", *(f"{stats[f][0]:.2f} [{stats[f][1]:.2f}, {stats[f][2]:.2f}]"
+                                       for f in (True, False)),
+                      f"{statistics.median(ratios):.3f}x [{rq[1]:.3f}, {rq[7]:.3f}]"])
+    for layer in layers:
+        layer.mindskip.fuse_norm = True
+    print_table(["skipped", "fused ms p50 [p20, p80]", "unfused ms p50 [p20, p80]",
+                 "unfused / fused per round p50 [p20, p80]"], table)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -92,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--csv")
     p.add_argument("--plot")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes, a few seconds (CI)")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="only prefill, RMSNorm fused into the router and gather vs unfused, interleaved")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.decode_steps, args.repeats = "smoke", 32, 4, 1
@@ -120,6 +160,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     def dense_cache():
         return transformers.DynamicCache(config=dense.config)
 
+    if args.compare_fused:
+        with torch.no_grad():
+            rows = compare_fused(model, ids, args.skip, device, args.repeats, dev)
+        if args.csv:
+            write_csv(rows, args.csv)
+        return rows
     rows, table = [], []
     with torch.no_grad():
         calibrate(model, ids, 1.0)

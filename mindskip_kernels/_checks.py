@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,6 +49,84 @@ def granularity(value: str) -> str:
     return value
 
 
+def backend(value: object) -> str:
+    """One of the backend names (checked where it is stored, not only when an op first runs)."""
+    from mindskip_kernels.backends import NAMES
+
+    if value not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {value!r}")
+    return value
+
+
+def norm(value: object, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An RMSNorm given as (weight [D] over x's last dim, eps >= 0)."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise TypeError(f"norm must be a (weight, eps) tuple of an RMSNorm, got {type(value).__name__}")
+    gamma, eps = value
+    tensor("norm weight", gamma, ndim=1, dtypes=FLOAT_DTYPES)
+    shape_match("norm weight", gamma, (x.shape[-1],), "RMSNorm weight over the hidden size")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"norm eps must be a number >= 0, got {eps!r}")
+    return gamma, float(eps)
+
+
 def shape_match(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def softmax_scale(value: object, head_dim: int) -> float:
+    """The attention logit scale: a finite number, default 1 / sqrt(head_dim)."""
+    if value is None:
+        return head_dim ** -0.5
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(head dim)), got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    """An int >= 1 (a count of heads, a hidden size, a head dim)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, rows_q: int, rows_k: int,
+                   max_seqlen_q: object, max_seqlen_k: object) -> None:
+    """The sequence offsets of `varlen_attention`, checked once for every backend.
+
+    Everywhere: both are 1-D int32/int64 with the same B + 1 >= 1 entries, and max_seqlen_* are ints >= 0.
+    On the CPU the values are checked too (free there): each cu_seqlens starts at 0 and never decreases,
+    cu_seqlens_q ends at rows_q (the query rows), cu_seqlens_k at most at rows_k (key rows past it are unused),
+    and max_seqlen_* bound every length. On an accelerator reading the values would cost a host sync, so
+    like flash-attention they are trusted there (and under torch.compile, where they would break the graph):
+    wrong offsets give undefined results. The messages are those
+    of the compiled extension's own check (csrc/cpu/attention_cpu.cpp).
+    """
+    tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INDEX_DTYPES)
+    tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=INDEX_DTYPES)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 >= 1 entries, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if cu_seqlens_q.device.type != "cpu" or torch.compiler.is_compiling():  # traced: values unknown
+        return
+    for name, cu, rows, exact, bound in (("cu_seqlens_q", cu_seqlens_q, rows_q, True, max_seqlen_q),
+                                         ("cu_seqlens_k", cu_seqlens_k, rows_k, False, max_seqlen_k)):
+        c = cu.long()
+        prev = torch.cat((c.new_zeros(1), c[:-1]))
+        bad = (c < prev).nonzero()
+        if c[0] != 0 or bad.numel():
+            i = int(bad[0, 0]) if c[0] == 0 else 0
+            raise ValueError(f"{name} must be non-decreasing from 0, got {name}[{i}] = {int(c[i])}")
+        last = int(c[-1])
+        if last > rows or (exact and last != rows):
+            raise ValueError(f"{name} must end at {'' if exact else 'most '}{rows} (rows of the packed tensor), "
+                             f"got {last}")
+        longest = int((c[1:] - c[:-1]).max()) if c.numel() > 1 else 0
+        name_max = "max_seqlen_q" if exact else "max_seqlen_k"
+        if longest > bound:
+            raise ValueError(f"{name_max} must be at least the longest sequence in {name} ({longest}), "
+                             f"got {bound}")

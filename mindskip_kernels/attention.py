@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mindskip_kernels import _checks as check
+from mindskip_kernels.backends import needs_grad
+from mindskip_kernels.backends.reference import rms_norm
 from mindskip_kernels.ops import varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
 
@@ -28,6 +30,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
     angles = positions.float().unsqueeze(1) * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rope_head_dim(head_dim: object) -> int:
+    """RoPE rotates pairs of channels: the head dim must be a positive even int."""
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int (RoPE rotates channel pairs), got {head_dim!r}")
+    return head_dim
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,9 +64,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  training: bool = False, backend: str = "auto"
+                  norm: tuple[torch.Tensor, float] | None = None, training: bool = False, backend: str = "auto"
                   ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
+
+    With `norm` = (weight, eps) of the sub-layer's RMSNorm, z is the un-normalized hidden state x and the
+    sub-layer reads RMSNorm(x) (transformers' numerics). In inference that is fused: one pass over x computes
+    the norm statistics and the router scores ("router_from_hidden"), and only the kept rows are normalized,
+    as they are packed ("gather_norm"). Training (or grad through x) normalizes every row first.
 
     `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
     (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
@@ -65,8 +79,12 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     and keep_rate is the fraction of real tokens kept, as a tensor through which a sparsity loss reaches the
     router; in inference keep_rate is None (no extra work on the hot path: derive it from plan.keep).
     """
+    if norm is not None:
+        norm = check.norm(norm, z)
+        if training or needs_grad(z, router_weight, norm[0]):  # every row normalized, then the unfused path
+            z, norm = rms_norm(z, *norm), None
     plan = route(z, router_weight, threshold=threshold, granularity=granularity,
-                 attention_mask=attention_mask, position_ids=position_ids, backend=backend)
+                 attention_mask=attention_mask, position_ids=position_ids, norm=norm, backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
@@ -77,7 +95,7 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
         keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
     if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
         return base.clone(), plan, keep_rate
-    values = attend(gather(z, plan, backend=backend), plan)
+    values = attend(gather(z, plan, norm=norm, backend=backend), plan)
     scale = None if gate is None else gate.reshape(-1).index_select(0, plan.indices)
     out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)
     return out, plan, keep_rate
@@ -98,11 +116,20 @@ def mindskip_attention(hidden_states: torch.Tensor, router_weight: torch.Tensor,
     rows (skipped rows bit-identical).
     """
     check.tensor("hidden_states", hidden_states, ndim=3, dtypes=check.FLOAT_DTYPES)
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    check.positive_int("num_heads", num_heads)
+    check.positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    check.tensor("q_weight", q_weight, ndim=2, dtypes=check.FLOAT_DTYPES)
     if q_weight.shape[0] % num_heads:
         raise ValueError(f"q_weight rows ({q_weight.shape[0]}) must be num_heads ({num_heads}) x head_dim")
-    head_dim = q_weight.shape[0] // num_heads
+    head_dim = _rope_head_dim(q_weight.shape[0] // num_heads)
+    hidden, inner, kv = hidden_states.shape[-1], num_heads * head_dim, num_kv_heads * head_dim
+    for name, w, shape in (("q_weight", q_weight, (inner, hidden)), ("k_weight", k_weight, (kv, hidden)),
+                           ("v_weight", v_weight, (kv, hidden)), ("o_weight", o_weight, (hidden, inner))):
+        check.tensor(name, w, ndim=2, dtypes=check.FLOAT_DTYPES)
+        check.shape_match(name, w, shape, f"{num_heads} query / {num_kv_heads} key-value heads of dim {head_dim}, "
+                                          f"hidden size {hidden}")
     qb, kb, vb, ob = biases
 
     def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -130,15 +157,19 @@ class MindSkipAttention(nn.Module):
                  head_dim: int | None = None, *, bias: bool = False, rope_theta: float = 10000.0,
                  threshold: float = 0.5, granularity: str = "token", backend: str = "auto") -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or hidden_size // num_heads
+        check.positive_int("hidden_size", hidden_size)
+        self.num_heads = check.positive_int("num_heads", num_heads)
+        self.num_kv_heads = num_heads if num_kv_heads is None else check.positive_int("num_kv_heads", num_kv_heads)
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads}), or give "
+                             f"head_dim")
+        self.head_dim = _rope_head_dim(hidden_size // num_heads if head_dim is None else head_dim)
         if num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         self.threshold = check.threshold(threshold)
         self.granularity = check.granularity(granularity)
         self.rope_theta = rope_theta
-        self.backend = backend
+        self.backend = check.backend(backend)
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)

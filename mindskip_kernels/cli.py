@@ -56,7 +56,9 @@ def _info(args: argparse.Namespace) -> int:
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                tokenizer: str | os.PathLike | None = None):
     """(model, tokenizer) from a transformers directory or hub name, or a `.gguf` file (dequantized).
-    `tokenizer`: where to load the tokenizer from when the model's folder has none."""
+
+    `tokenizer`: a directory or hub name to take the tokenizer from (default: the model's own), for a model
+    folder saved without one; a local folder without tokenizer files is a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.fspath(path)
@@ -65,12 +67,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {path} does not exist")
         path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
-    if tokenizer is None and os.path.isdir(path) and "gguf_file" not in kwargs and not any(
-            os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                         f"pass the tokenizer's directory or hub name with --tokenizer (Python: tokenizer=...)")
-    tok = AutoTokenizer.from_pretrained(os.fspath(tokenizer)) if tokenizer is not None else \
-        AutoTokenizer.from_pretrained(path, **kwargs)
+    tok_path, tok_kwargs = (path, kwargs) if tokenizer is None else (os.fspath(tokenizer), {})
+    if (not tok_kwargs and os.path.isdir(tok_path)
+            and not any(os.path.isfile(os.path.join(tok_path, f)) for f in TOKENIZER_FILES)):
+        raise ValueError(f"{tok_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give one with "
+                         f"--tokenizer DIR_OR_HUB_NAME (load_model(..., tokenizer=...) in Python), or save it into "
+                         f"the folder with tokenizer.save_pretrained({tok_path!r})")
+    tok = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     return model.eval(), tok
 

@@ -17,29 +17,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q [Tq, Hq, Dh], k/v [Tk, Hkv, Dh] with Hq % Hkv == 0 (GQA, query head h reads kv head h // (Hq/Hkv)).
     Sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]. Causal masking is aligned bottom-right: query i of
     a sequence with Lq queries and Lk keys sees keys 0..i+Lk-Lq (top-left, keys 0..i, when Lq == Lk).
-    Queries that see no key (empty key sequence) return zeros. max_seqlen_* are upper bounds.
+    Queries that see no key (empty key sequence) return zeros. max_seqlen_* are upper bounds. Key rows past
+    cu_seqlens_k[-1] are unused (never read). What is checked on which device: `_checks.varlen_offsets`.
     """
     check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("k", k, ndim=3, dtypes=(q.dtype,))
     check.tensor("v", v, ndim=3, dtypes=(q.dtype,))
-    check.tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=check.INDEX_DTYPES)
-    check.tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=check.INDEX_DTYPES)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k must have head dim {q.shape[2]} like q, got {k.shape[2]}")
-    if q.shape[1] % k.shape[1] != 0:
+    if q.shape[2] == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]}) for grouped-query attention")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B+1 >= 1 entries, got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    check.varlen_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     check.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "varlen_attention", q.device, q.dtype, needs_grad(q, k, v))
+    scale = check.softmax_scale(softmax_scale, q.shape[-1])
+    op = resolve(backend, "varlen_attention", q.device, q.dtype, needs_grad(q, k, v),
+                 empty=q.numel() == 0 or k.numel() == 0, head_dim=q.shape[-1])
     return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 

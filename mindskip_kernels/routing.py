@@ -62,18 +62,20 @@ def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
     if position_ids.shape[-1] != seq_len or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
         raise ValueError(f"position_ids must have shape [{batch}, {seq_len}], [1, {seq_len}] or [{seq_len}], "
                          f"got {tuple(position_ids.shape)}")
-    return position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+    return position_ids.reshape(position_ids.shape[0] if position_ids.dim() == 2 else 1, seq_len).expand(batch, seq_len)
 
 
 def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-          backend: str = "auto") -> RoutingPlan:
+          norm: tuple[torch.Tensor, float] | None = None, backend: str = "auto") -> RoutingPlan:
     """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
     compact the kept tokens.
 
     z: [B, N, D] normalized hidden states (the input of attention); router_weight: [1, D] or [D];
     attention_mask: [B, N], nonzero = real token (padding is never kept and is excluded from the
     sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
+    norm: (weight [D], eps) of an RMSNorm; then z is the un-normalized hidden state and the router reads
+    RMSNorm(z) (op "router_from_hidden": one pass over z, the normalized rows are never written).
     """
     check.tensor("z", z, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("router_weight", router_weight, ndim=(1, 2), dtypes=check.FLOAT_DTYPES)
@@ -88,9 +90,16 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     mask = _padding_mask(attention_mask, batch, seq_len, device)
     positions = _position_ids(position_ids, batch, seq_len, device)
 
-    grad = needs_grad(z, router_weight)
-    scores, keep = resolve(backend, "router", device, z.dtype, grad).router(z, router_weight, mask, threshold,
-                                                                             granularity)
+    if norm is None:
+        grad = needs_grad(z, router_weight)
+        op = resolve(backend, "router", device, z.dtype, grad, empty=z.numel() == 0)
+        scores, keep = op.router(z, router_weight, mask, threshold, granularity)
+    else:
+        gamma, eps = check.norm(norm, z)
+        check.same_device(z=z, **{"norm weight": gamma})
+        grad = needs_grad(z, router_weight, gamma)
+        op = resolve(backend, "router_from_hidden", device, z.dtype, grad, empty=z.numel() == 0)
+        scores, keep = op.router_from_hidden(z, gamma, eps, router_weight, mask, threshold, granularity)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
     # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
     exact = device.type == "cpu" and batch > 0
@@ -99,6 +108,8 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
 
 
 def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from mindskip_kernels.route), got {type(plan).__name__}")
     check.tensor(name, x, ndim=3, dtypes=check.FLOAT_DTYPES)
     if tuple(x.shape[:2]) != tuple(plan.keep.shape):
         raise ValueError(f"{name} must have shape [B, N, D] with [B, N] = {tuple(plan.keep.shape)} "
@@ -106,11 +117,19 @@ def _check_rows(name: str, x: torch.Tensor, plan: RoutingPlan) -> None:
     check.same_device(**{name: x, "plan.indices": plan.indices})
 
 
-def gather(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
-    """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`."""
+def gather(x: torch.Tensor, plan: RoutingPlan, *, norm: tuple[torch.Tensor, float] | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Packed kept rows [T, D]: `x.view(B*N, D)[plan.indices]`; with `norm` = (weight [D], eps) of an RMSNorm,
+    those rows normalized (op "gather_norm": only kept rows are normalized, fused with the copy)."""
     _check_rows("x", x, plan)
-    op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x))
-    return op.gather(x.reshape(-1, x.shape[-1]), plan.indices)
+    rows = x.reshape(plan.batch_size * plan.seq_len, x.shape[-1])
+    if norm is None:
+        op = resolve(backend, "gather", x.device, x.dtype, needs_grad(x), empty=x.numel() == 0)
+        return op.gather(rows, plan.indices)
+    gamma, eps = check.norm(norm, x)
+    check.same_device(x=x, **{"norm weight": gamma})
+    op = resolve(backend, "gather_norm", x.device, x.dtype, needs_grad(x, gamma), empty=x.numel() == 0)
+    return op.gather_norm(rows, gamma, eps, plan.indices)
 
 
 def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
@@ -128,6 +147,8 @@ def scatter_add(residual: torch.Tensor, values: torch.Tensor, plan: RoutingPlan,
         check.tensor("scale", scale, ndim=1, dtypes=check.FLOAT_DTYPES)
         check.shape_match("scale", scale, (plan.num_kept,), "one gate per kept token")
     check.same_device(residual=residual, values=values, scale=scale)
-    op = resolve(backend, "scatter_add", residual.device, residual.dtype, needs_grad(residual, values, scale))
-    out = op.scatter_add(residual.reshape(-1, residual.shape[-1]), values, plan.indices, scale)
+    op = resolve(backend, "scatter_add", residual.device, residual.dtype, needs_grad(residual, values, scale),
+                 empty=residual.numel() == 0)
+    rows = residual.reshape(plan.batch_size * plan.seq_len, residual.shape[-1])
+    out = op.scatter_add(rows, values, plan.indices, scale)
     return out.view_as(residual)

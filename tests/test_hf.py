@@ -196,3 +196,122 @@ def test_bad_arguments_raise_clear_errors():
         mk.apply_mindskip(gpt2)
     with pytest.raises(ValueError, match="no MindSkip routers"):
         mk.save_routers(model, "/tmp/never-written")
+
+
+# ---- issue 12: state that travels with a copy, padding masks, router files --------------------------------------
+
+
+def _padded_batch(seqs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask [B, n]."""
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):], mask[b, n - len(s):] = s, 1
+    return ids, mask
+
+
+def test_deep_copy_records_its_own_padding_mask():
+    """A deep copy of a patched model routes its own batch's padding, not the original's (issue 12, defect 8)."""
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, granularity="sequence", backend="reference")
+    randomize_routers(model)
+    twin = copy.deepcopy(model)
+    seqs = [torch.randint(0, 97, (n,)) for n in (9, 4)]
+    ids, mask = _padded_batch(seqs, 9)
+    with torch.no_grad():
+        batched = twin(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(batched[b][mask[b].bool()], twin(s.unsqueeze(0)).logits[0], atol=2e-5,
+                                       rtol=1e-5)
+    assert model.model._mindskip_state.padding_mask is None, "the original never ran: its state is untouched"
+    assert twin._prepare_cache_for_generation.__self__ is twin
+
+
+def test_padding_mask_of_another_batch_raises():
+    """A 2-D attention_mask whose batch (or length) does not match is an error, not silently dropped (defect 9)."""
+    model = mk.apply_mindskip(tiny_model("llama"), backend="reference")
+    ids = torch.randint(0, 97, (2, 7))
+    for bad in (torch.ones(3, 7, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"attention_mask must have shape \[2, >= 7\]"):
+            model(ids, attention_mask=bad, use_cache=False)
+
+
+def test_load_routers_of_another_hidden_size_leaves_the_model_unchanged(tmp_path):
+    """Defect 6: validate everything before patching; on error the model is exactly as before."""
+    other = tiny_model("llama")
+    other.model.layers[1].input_layernorm.weight = torch.nn.Parameter(torch.ones(40))  # a hidden size of 40
+    mk.apply_mindskip(other, threshold=0.6)
+    other.model.layers[1].router = torch.nn.Linear(40, 1, bias=False)
+    mk.save_routers(other, tmp_path / "r")
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(ValueError) as info:
+        mk.load_routers(model, tmp_path / "r")
+    assert not mindskip_layers(model) and not hasattr(model.model, "_mindskip_state")
+    assert "router of layer 1 has shape (1, 40)" in str(info.value)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_per_layer_threshold_and_granularity_survive_save_load(tmp_path):
+    """Defect 10: each layer's threshold and granularity are stored and loaded."""
+    model = tiny_model("llama", layers=5)
+    mk.apply_mindskip(model, layers=[1], threshold=0.3, granularity="token")
+    mk.apply_mindskip(model, layers=[2, 3], threshold=0.7, granularity="sequence")
+    mindskip_layers(model)[3].mindskip.threshold = 0.55
+    randomize_routers(model)
+    mk.save_routers(model, tmp_path / "r")
+    fresh = tiny_model("llama", layers=5)
+    mk.load_routers(fresh, tmp_path / "r")
+    got = {i: (layer.mindskip.threshold, layer.mindskip.granularity) for i, layer in mindskip_layers(fresh).items()}
+    assert got == {1: (0.3, "token"), 2: (0.7, "sequence"), 3: (0.55, "sequence")}
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+def test_paper_format_file_granularity(tmp_path):
+    """Defect 11: a bare state-dict file keeps an existing patch's settings, defaults to the paper's sequence
+    granularity, and takes an explicit granularity=."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "paper.safetensors"
+    save_file({f"model.layers.{i}.router.weight": torch.randn(1, 48) for i in (1, 2)}, path)
+    fresh = mk.load_routers(tiny_model("llama"), path)
+    assert {layer.mindskip.granularity for layer in mindskip_layers(fresh).values()} == {"sequence"}
+    patched = mk.apply_mindskip(tiny_model("llama"), threshold=0.4, granularity="token", backend="reference")
+    mk.load_routers(patched, path)
+    assert {(layer.mindskip.threshold, layer.mindskip.granularity, layer.mindskip.backend)
+            for layer in mindskip_layers(patched).values()} == {(0.4, "token", "reference")}
+    explicit = mk.load_routers(tiny_model("llama"), path, granularity="token")
+    assert {layer.mindskip.granularity for layer in mindskip_layers(explicit).values()} == {"token"}
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        mk.load_routers(tiny_model("llama"), path, granularity="layer")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.apply_mindskip(tiny_model("llama"), backend="cuda")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fused_norm_equals_the_models_own_norm(arch, granularity):
+    """Inference fuses input_layernorm into the router and the gather; the routing and the logits equal the
+    unfused path (the model's own RMSNorm module, then route and gather), padding and cached decode included."""
+    model = tiny_model(arch)
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity)
+    randomize_routers(model)
+    unfused = copy.deepcopy(model)
+    for layer in mindskip_layers(unfused).values():
+        layer.mindskip.fuse_norm = False
+    ids, mask = _padded_batch([torch.randint(0, 97, (n,)) for n in (13, 6, 9)], 13)
+    with torch.no_grad():
+        outs = [m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True) for m in (model, unfused)]
+        plans = [{i: layer.mindskip.last_plan.keep for i, layer in mindskip_layers(m).items()}
+                 for m in (model, unfused)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert all(torch.equal(plans[0][i], plans[1][i]) for i in plans[0])
+    assert any(0 < r < 1 for r in keep_rates(model).values()) or granularity == "sequence"

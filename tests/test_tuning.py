@@ -243,22 +243,6 @@ def test_cli_tune_calibrate_export_eval(tmp_path, saved_model, capsys):
     assert "dropped" in report
 
 
-def test_cli_model_without_tokenizer_says_so(tmp_path, saved_model):
-    from mindskip_kernels.cli import main
-
-    bare = tmp_path / "bare"
-    tiny_llama(len(transformers.AutoTokenizer.from_pretrained(saved_model))).save_pretrained(bare)
-    held = tmp_path / "held.txt"
-    held.write_text(TEXT)
-    args = ["eval", "--model", str(bare), "--routers", str(tmp_path), "--data", str(held)]
-    with pytest.raises(ValueError, match=f"model directory {bare} has no tokenizer.*--tokenizer"):
-        main(args)
-    out = tmp_path / "run"
-    main(["tune", "--model", str(bare), "--tokenizer", str(saved_model), "--data", str(held), "--steps", "1",
-          "--max-length", "32", "--backend", "reference", "--out", str(out)])
-    assert (out / "routers.safetensors").is_file()
-
-
 def test_torchrun_two_cpu_processes(tmp_path, saved_model):
     """DDP over gloo: each rank reads its own shard, yet the all-reduced router updates stay identical."""
     data = tmp_path / "train.txt"

@@ -1,7 +1,34 @@
 """Backend registry: resolves `backend=` ("auto", "reference", "triton", "compiled") per op, device and dtype.
 
-A backend module has `supports(op, device, dtype) -> bool` and may list in `DIFFERENTIABLE` the ops that
-have a backward; when an input requires grad, "auto" skips backends without one.
+The backend contract. A backend is a module `mindskip_kernels.backends.<name>` with
+`supports(op, device, dtype) -> bool`, `DIFFERENTIABLE` (the ops with a backward; when an input requires
+grad, "auto" skips backends without one) and, for each op it supports, a function of the op's name taking
+the reference's arguments (`paged_decode_attention` is `decode_attention` with a `block_table`). Arguments
+are checked once, in the public functions (`_checks`), before any backend runs, so every backend raises the
+same errors; inputs with no elements run on the reference (`resolve(empty=True)`).
+
+Which backend has which op, on which devices, and whether it has a backward (`CONTRACT`, checked against
+the modules in tests/test_hardening.py):
+
+| op                     | reference      | compiled (_C)         | triton                 |
+|------------------------|----------------|-----------------------|------------------------|
+| router                 | any, backward  | CPU, CUDA             | CUDA, backward         |
+| router_from_hidden     | any, backward  | CPU, CUDA             | CUDA                   |
+| compact                | any, backward  | CPU, CUDA             | CUDA                   |
+| gather                 | any, backward  | CPU, CUDA             | CUDA, backward         |
+| gather_norm            | any, backward  | CPU, CUDA             | CUDA                   |
+| scatter_add            | any, backward  | CPU, CUDA             | CUDA, backward         |
+| varlen_attention       | any, backward  | CPU                   | CUDA, backward         |
+| decode_attention       | any, backward  | CPU, CUDA             | CUDA                   |
+| paged_decode_attention | any, backward  | -                     | -                      |
+| keep_masked_attention  | any, backward  | -                     | CUDA, backward         |
+
+dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
+and gather any dtype); triton fp16/bf16/fp32. "any" = any device torch runs on (fp64-able: the truth for
+tests). The attention kernels of compiled and triton take head dims up to `MAX_HEAD_DIM` (256; "auto" runs
+larger ones on the reference). Compiled CUDA kernels need `_C` built with CUDA; triton runs CPU tensors only under
+`TRITON_INTERPRET=1` (tests). "auto" prefers triton, then compiled, then the reference on CUDA, and
+compiled, then the reference on the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +42,24 @@ NAMES = ("auto", "reference", "triton", "compiled")
 # "auto" preference order: the fastest first.
 PREFERENCE = {"cuda": ("triton", "compiled", "reference"), "cpu": ("compiled", "reference")}
 
+
+# op -> backend -> (device types with a kernel, has a backward): the table above, as data
+CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
+    "router": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "router_from_hidden": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
+                           "triton": (("cuda",), False)},
+    "compact": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), False)},
+    "gather": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "gather_norm": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), False)},
+    "scatter_add": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False), "triton": (("cuda",), True)},
+    "varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False), "triton": (("cuda",), True)},
+    "decode_attention": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
+                         "triton": (("cuda",), False)},
+    "paged_decode_attention": {"reference": (("any",), True)},
+    "keep_masked_attention": {"reference": (("any",), True), "triton": (("cuda",), True)},
+}
+
+MAX_HEAD_DIM = 256  # the attention kernels' limit (csrc/mindskip.h kMaxHeadDim, triton attention_fwd.py)
 
 _MODULES: dict[str, ModuleType | None] = {}
 
@@ -48,15 +93,26 @@ def _differentiable(mod: ModuleType, op: str) -> bool:
     return op in getattr(mod, "DIFFERENTIABLE", ())
 
 
-def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False) -> ModuleType:
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool = False,
+            empty: bool = False, head_dim: int | None = None) -> ModuleType:
     """The backend module that runs `op` for tensors on `device` with `dtype` (with a backward when
-    `needs_grad`), or a clear error."""
+    `needs_grad`) and, for attention, `head_dim`, or a clear error. With `empty` (an input with no elements)
+    the choice is checked as usual but the reference runs: there is no work for a kernel, and zero-size
+    corners (D = 0, B = 0) need no special case in every kernel."""
+    mod = _resolve(backend, op, device, dtype, needs_grad, head_dim)
+    return _module("reference") if empty else mod
+
+
+def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
+             head_dim: int | None) -> ModuleType:
+    big_heads = head_dim is not None and head_dim > MAX_HEAD_DIM
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
         for name in PREFERENCE.get(device.type, ("reference",)):
             mod = _module(name)
-            if mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op)):
+            if (mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op))
+                    and (not big_heads or name == "reference")):
                 return mod
         raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
     mod = _module(backend)
@@ -68,6 +124,9 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, nee
     if not mod.supports(op, device, dtype):
         raise ValueError(f"backend {backend!r} does not support {op} for {str(dtype).removeprefix('torch.')} "
                          f"tensors on {device.type}; use backend='auto' or 'reference'")
+    if big_heads and backend != "reference":
+        raise ValueError(f"backend {backend!r} supports head dims up to {MAX_HEAD_DIM} for {op}, got {head_dim}; "
+                         f"use backend='auto' or 'reference'")
     if needs_grad and not _differentiable(mod, op):
         raise ValueError(f"backend {backend!r} has no backward for {op} and an input requires grad; use "
                          f"backend='auto' or 'reference' for training")

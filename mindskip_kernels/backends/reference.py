@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "reference"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
-       "paged_decode_attention", "keep_masked_attention")
+OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
+       "decode_attention", "paged_decode_attention", "keep_masked_attention")
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -33,12 +33,26 @@ def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold:
     if granularity == "token":
         scores = torch.sigmoid(z.to(ct) @ w)
     else:
-        m = mask.to(ct)
-        zsum = torch.einsum("bn,bnd->bd", m, z.to(ct))
-        zmean = zsum / m.sum(1).clamp_min(1.0).unsqueeze(1)
-        scores = torch.sigmoid(zmean @ w).unsqueeze(1).expand_as(m)
+        # padding is left out by selection: a NaN/Inf in a pad row times 0 would still poison the sum
+        zsum = torch.where(mask.unsqueeze(-1), z.to(ct), 0.0).sum(1)
+        zmean = zsum / mask.sum(1, dtype=ct).clamp_min(1.0).unsqueeze(1)
+        scores = torch.sigmoid(zmean @ w).unsqueeze(1).expand(mask.shape)
     keep = (scores >= threshold) & mask
     return scores, keep
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with the numerics of transformers' Llama/Qwen RMSNorm: variance in fp32 (fp64
+    stays fp64), `gamma * normed.to(x.dtype)`; returns x's dtype."""
+    xc = x.to(compute_dtype(x.dtype))
+    normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return (gamma * normed.to(x.dtype)).to(x.dtype)
+
+
+def router_from_hidden(x: torch.Tensor, gamma: torch.Tensor, eps: float, weight: torch.Tensor, mask: torch.Tensor,
+                       threshold: float, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`router` on RMSNorm(x) * gamma: x [B,N,D] is the un-normalized hidden state."""
+    return router(rms_norm(x, gamma, eps), weight, mask, threshold, granularity)
 
 
 def compact(keep: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +67,11 @@ def gather(x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x2d.index_select(0, indices)
 
 
+def gather_norm(x2d: torch.Tensor, gamma: torch.Tensor, eps: float, indices: torch.Tensor) -> torch.Tensor:
+    """RMSNorm(x2d[indices]) * gamma -> [T, D]: only the gathered rows are normalized."""
+    return rms_norm(x2d.index_select(0, indices), gamma, eps)
+
+
 def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                 scale: torch.Tensor | None) -> torch.Tensor:
     if scale is not None:
@@ -61,15 +80,17 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 
 
 def _to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, tuple]:
-    """Packed [T,H,D] -> padded [B,H,L,D] plus the (sequence, offset) index of every packed row."""
+    """Packed [T,H,D] -> padded [B,H,L,D] plus the (sequence, offset) index of every packed row.
+
+    Rows past cu_seqlens[-1] (unused, may hold anything) land in a spare sequence B that is dropped."""
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.long()
     rows = torch.arange(x.shape[0], device=x.device)
     seq = torch.searchsorted(cu[1:], rows, right=True)
-    offset = rows - cu.index_select(0, seq)
-    padded = x.new_zeros(batch, max_len, x.shape[1], x.shape[2])
+    offset = torch.where(seq < batch, rows - cu.index_select(0, seq), 0)
+    padded = x.new_zeros(batch + 1, max_len, x.shape[1], x.shape[2])
     padded[seq, offset] = x
-    return padded.transpose(1, 2), (seq, offset)
+    return padded[:batch].transpose(1, 2), (seq, offset)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -95,6 +95,7 @@ class LayerState:
     backend: str
     model_state: ModelState
     rule: str = "every_token"  # the training forward (RULES); inference is the same for every rule
+    fuse_norm: bool = True  # inference: input_layernorm (RMSNorm) fused into the router and the gather
     last_plan: RoutingPlan | None = field(default=None, repr=False)
     last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
     last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
@@ -151,37 +152,31 @@ def new_cache(model: nn.Module, block_size: int | None = None) -> MindSkipCache:
     return MindSkipCache(base.config, sorted(mindskip_layers(base)), **kwargs)
 
 
-def _base_forward_pre_hook(state: ModelState):
-    """Record the 2-D padding mask; in inference with use_cache, start a MindSkipCache instead of the
-    DynamicCache transformers would create."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        state.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        use_cache = kwargs.get("use_cache")
-        use_cache = module.config.use_cache if use_cache is None else use_cache
-        if use_cache and not module.training and kwargs.get("cache", kwargs.get("past_key_values")) is None:
-            kwargs.pop("past_key_values", None)
-            kwargs["cache"] = new_cache(module)
-        return args, kwargs
-
-    return hook
+def _base_forward_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Record the 2-D padding mask in the model's own ModelState (`module._mindskip_state`, so a deep copy
+    records into its copy); in inference with use_cache, start a MindSkipCache instead of the DynamicCache
+    transformers would create."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    module._mindskip_state.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    use_cache = kwargs.get("use_cache")
+    use_cache = module.config.use_cache if use_cache is None else use_cache
+    if use_cache and not module.training and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"] = new_cache(module)
+    return args, kwargs
 
 
-def _prepare_cache_for_generation(model: nn.Module, original):
-    """generate(): refuse beam search, and use a MindSkipCache where transformers would use a DynamicCache."""
-
-    def prepare(generation_config, model_kwargs: dict, *args, **kwargs):
-        if generation_config.num_beams > 1:
-            raise NotImplementedError("beam search is not supported on MindSkip models (its cache holds ragged "
-                                      "per-sequence K/V): use greedy decoding or sampling")
-        if (generation_config.use_cache is not False and model_kwargs.get("cache") is None
-                and generation_config.cache_implementation in (None, "dynamic")):
-            model_kwargs["cache"] = new_cache(model)
-            return None
-        return original(generation_config, model_kwargs, *args, **kwargs)
-
-    return prepare
+def _prepare_cache_for_generation(self: nn.Module, generation_config, model_kwargs: dict, *args, **kwargs):
+    """generate(): refuse beam search, and use a MindSkipCache where transformers would use a DynamicCache.
+    Bound to the model instance (a deep copy rebinds it to the copy); the class's method does the rest."""
+    if generation_config.num_beams > 1:
+        raise NotImplementedError("beam search is not supported on MindSkip models (its cache holds ragged "
+                                  "per-sequence K/V): use greedy decoding or sampling")
+    if (generation_config.use_cache is not False and model_kwargs.get("cache") is None
+            and generation_config.cache_implementation in (None, "dynamic")):
+        model_kwargs["cache"] = new_cache(self)
+        return None
+    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
 
 def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], backend: str,
@@ -251,7 +246,10 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
                                   f"layers for sequences longer than the window ({seq_len})")
     pad = st.model_state.padding_mask
     if pad is not None and tuple(pad.shape) != (batch, seq_len):
-        pad = None if pad.shape[0] != batch or pad.shape[1] < seq_len else pad[:, -seq_len:]
+        if pad.shape[0] != batch or pad.shape[1] < seq_len:
+            raise ValueError(f"attention_mask must have shape [{batch}, >= {seq_len}] (batch and length of the "
+                             f"hidden states), got {tuple(pad.shape)}")
+        pad = pad[:, -seq_len:]
     threshold, route_mask = st.threshold, pad
     decided = layer_cache.decision if layer_cache is not None else None
     if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
@@ -261,10 +259,12 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
         hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st)
     else:
         attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+        ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
         hidden_states, plan, keep_rate = routed_update(
-            self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
-            threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
-            training=self.training, backend=st.backend)
+            hidden_states if st.fuse_norm else ln(hidden_states), self.router.weight, attend, residual=hidden_states,
+            norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=threshold,
+            granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids, training=self.training,
+            backend=st.backend)
     if layer_cache is not None:
         layer_cache.seen += seq_len
         if st.granularity == "sequence" and decided is None:
@@ -292,14 +292,14 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
         raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
+    check.backend(backend)
     base = _base_model(model)
     chosen = _choose_layers(len(base.layers), layers)
     if not hasattr(base, "_mindskip_state"):
         base._mindskip_state = ModelState()
-        base.register_forward_pre_hook(_base_forward_pre_hook(base._mindskip_state), with_kwargs=True)
+        base.register_forward_pre_hook(_base_forward_pre_hook, with_kwargs=True)
         if hasattr(model, "_prepare_cache_for_generation"):
-            model._prepare_cache_for_generation = _prepare_cache_for_generation(model,
-                                                                                model._prepare_cache_for_generation)
+            model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
     for i in chosen:
         layer = base.layers[i]
         if not hasattr(layer, "router"):
@@ -351,8 +351,9 @@ def keep_rates(model: nn.Module) -> dict[int, float]:
 
 def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
-    (layers, threshold, granularity, and under "tuning" the JSON-serialisable `info`: how they were tuned) into
-    directory `path`."""
+    into directory `path`: layers, each layer's threshold and granularity (`thresholds`, `granularities`, by
+    layer index), `threshold` / `granularity` when every layer has the same (else null), and under "tuning" the
+    JSON-serialisable `info` (how they were tuned)."""
     from safetensors.torch import save_file
 
     layers = mindskip_layers(model)
@@ -362,48 +363,89 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     tensors = {f"model.layers.{i}.router.weight": layer.router.weight.detach().cpu().contiguous()
                for i, layer in layers.items()}
     save_file(tensors, os.path.join(path, ROUTERS_FILE))
-    first = next(iter(layers.values())).mindskip
-    meta = {"layers": sorted(layers), "threshold": first.threshold, "granularity": first.granularity,
-            "model_type": _model_type(model), "hidden_size": next(iter(tensors.values())).shape[1]}
+    thresholds = {str(i): layer.mindskip.threshold for i, layer in layers.items()}
+    granularities = {str(i): layer.mindskip.granularity for i, layer in layers.items()}
+
+    def common(values: dict):
+        return next(iter(values.values())) if len(set(values.values())) == 1 else None
+
+    meta = {"layers": sorted(layers), "threshold": common(thresholds), "granularity": common(granularities),
+            "thresholds": thresholds, "granularities": granularities, "model_type": _model_type(model),
+            "hidden_size": next(iter(tensors.values())).shape[1]}
     if info:
         meta["tuning"] = info
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
 
-def load_routers(model: nn.Module, path: str | os.PathLike, backend: str = "auto") -> nn.Module:
-    """Load routers saved by `save_routers` (a directory), or a state-dict file (`.safetensors`, or torch
-    `.bin`/`.pt`) with keys `model.layers.{i}.router.weight` (the paper's naming; other keys are ignored;
-    threshold 0.5, token granularity), patching the model first if needed."""
+def _read_routers(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str]] | None, str]:
+    """({layer: router weight}, {layer: (threshold, granularity)} or None for a bare state-dict file, the
+    file named in errors)."""
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
-        weights_file = meta_file = os.fspath(path)
+        weights_file = os.fspath(path)
         state = (load_file(weights_file) if weights_file.endswith(".safetensors")
                  else torch.load(weights_file, map_location="cpu", weights_only=True))
         state = {k: v for k, v in state.items() if k.startswith("model.layers.") and k.endswith(".router.weight")}
         if not state:
             raise ValueError(f"path {weights_file} holds no `model.layers.{{i}}.router.weight` tensors")
-        meta = {"layers": sorted(int(k.split(".")[2]) for k in state), "threshold": 0.5, "granularity": "token"}
-    else:
-        weights_file, meta_file = os.path.join(path, ROUTERS_FILE), os.path.join(path, META_FILE)
-        for f in (weights_file, meta_file):
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"path must be a directory written by save_routers or a state-dict file; "
-                                        f"missing {f}")
-        with open(meta_file) as f:
-            meta = json.load(f)
-        state = load_file(weights_file)
-    extra = sorted(set(mindskip_layers(model)) - set(meta["layers"]))
+        return {int(k.split(".")[2]): v for k, v in state.items()}, None, weights_file
+    weights_file, meta_file = os.path.join(path, ROUTERS_FILE), os.path.join(path, META_FILE)
+    for f in (weights_file, meta_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"path must be a directory written by save_routers or a state-dict file; "
+                                    f"missing {f}")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    weights = {int(k.split(".")[2]): v for k, v in load_file(weights_file).items()}
+    if sorted(weights) != sorted(meta["layers"]):
+        raise ValueError(f"{weights_file} holds routers of layers {sorted(weights)} but {meta_file} lists "
+                         f"{meta['layers']}")
+    per_layer = {i: (meta.get("thresholds", {}).get(str(i), meta.get("threshold")),
+                     meta.get("granularities", {}).get(str(i), meta.get("granularity"))) for i in weights}
+    return weights, per_layer, meta_file
+
+
+def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None = None, *,
+                 granularity: str | None = None) -> nn.Module:
+    """Load routers saved by `save_routers` (a directory: each layer's threshold and granularity come from its
+    metadata), or a state-dict file (`.safetensors`, or torch `.bin`/`.pt`) with keys
+    `model.layers.{i}.router.weight` (the paper's naming; other keys are ignored). A bare file has no settings:
+    a layer the model already routes keeps its threshold and granularity, others get threshold 0.5 and
+    granularity "sequence" (the paper's released routers are sequence-level). `granularity` overrides both.
+    `backend` None keeps an existing patch's backend ("auto" for new layers).
+
+    Everything is checked before the model is touched: on an error the model is exactly as it was."""
+    if granularity is not None:
+        check.granularity(granularity)
+    if backend is not None:
+        check.backend(backend)
+    model_type = _model_type(model)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
+    weights, per_layer, source = _read_routers(path)
+    base = _base_model(model)
+    _choose_layers(len(base.layers), list(weights))
+    patched = mindskip_layers(model)
+    extra = sorted(set(patched) - set(weights))
     if extra:
-        raise ValueError(f"model already routes layers {extra}, which {meta_file} does not list")
-    apply_mindskip(model, layers=meta["layers"], threshold=meta["threshold"], granularity=meta["granularity"],
-                   backend=backend)
-    layers = mindskip_layers(model)
-    for key, weight in state.items():
-        idx = int(key.split(".")[2])
-        if idx not in layers or layers[idx].router.weight.shape != weight.shape:
-            raise ValueError(f"{weights_file}: {key} with shape {tuple(weight.shape)} does not match the model")
+        raise ValueError(f"model already routes layers {extra}, which {source} does not list")
+    settings = {}
+    for i, weight in sorted(weights.items()):
+        hidden = base.layers[i].input_layernorm.weight.shape[0]
+        if tuple(weight.shape) != (1, hidden) or not weight.is_floating_point():
+            raise ValueError(f"{source}: router of layer {i} has shape {tuple(weight.shape)} and dtype {weight.dtype}"
+                             f", the model needs a float [1, {hidden}] (hidden size {hidden})")
+        old = patched[i].mindskip if i in patched else None
+        if per_layer is not None:
+            threshold, gran = per_layer[i]
+        else:
+            threshold, gran = (old.threshold, old.granularity) if old is not None else (0.5, "sequence")
+        layer_backend = backend if backend is not None else old.backend if old is not None else "auto"
+        settings[i] = (check.threshold(threshold), check.granularity(granularity or gran), layer_backend)
+    for i, (threshold, gran, layer_backend) in settings.items():
+        apply_mindskip(model, layers=[i], threshold=threshold, granularity=gran, backend=layer_backend)
         with torch.no_grad():
-            layers[idx].router.weight.copy_(weight)
+            base.layers[i].router.weight.copy_(weights[i])
     return model

@@ -2,9 +2,8 @@
 the awkward sizes of design.md s.4, bf16 included: router, compaction, gather/scatter-add, varlen attention
 forward and decode attention. Skipped without CUDA; an op a backend has no CUDA kernel for is skipped.
 
-The Triton cases run compiled, in a rerun of this module without the interpreter (tests/gpu/cuda_harness.py).
-Run directly with `TRITON_INTERPRET=0 python -m pytest tests/gpu/test_ops_cuda.py -x -q`; every comparison
-names what differs.
+Run with `python -m pytest tests/gpu -x -q` (on its own: then the Triton cases run compiled, see
+tests/gpu/cuda_harness.py); every comparison names what differs.
 """
 
 from __future__ import annotations
@@ -13,27 +12,19 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.backends import available, reference
+from mindskip_kernels.backends import reference
 from tests.gpu.cuda_harness import (
     DEV,
     SHAPES,
     cuda_backends,
     kernels,
     needs_cuda,
-    rerun_only_with_interpreter,
-    rerun_without_interpreter,
 )
 from tests.harness import assert_within_rule, random_keep
 from tests.test_kernels import ATTN_CASES, LOW, PATTERNS
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()
-
-
-@rerun_only_with_interpreter
-@pytest.mark.skipif(not available()["triton"], reason="no Triton cases to rerun")
-def test_rerun_triton_without_interpreter():
-    rerun_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,9 +3,8 @@ paths, attention backward, a MindSkip layer's gradients, and a count of host syn
 every backend shares (router, compaction, gather/scatter-add, attention forward, decode) are in
 test_ops_cuda.py. Skipped without CUDA.
 
-The kernels here must be compiled: with Triton's interpreter on (tests/conftest.py) this module reruns itself
-without it (tests/gpu/cuda_harness.py). Run directly with
-`TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_cuda.py -x -q`.
+The kernels here must be compiled: run `python -m pytest tests/gpu -x -q` on its own (tests/conftest.py leaves
+Triton's interpreter off then; in a session with the CPU tests these cases skip).
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from tests.gpu.cuda_harness import (
     SHAPES,
     count_syncs,
     needs_cuda,
-    rerun_only_with_interpreter,
-    rerun_without_interpreter,
     triton_compiled_only,
 )
 from tests.harness import assert_within_rule, random_keep
@@ -34,11 +31,6 @@ from tests.test_triton import ATTN_GRAD_CASES, EPS, _check_grads, _rmsnorm
 pytestmark = [pytest.mark.gpu, needs_cuda]
 if HAS_CUDA and not INTERPRET:
     from mindskip_kernels.backends import triton as tri
-
-
-@rerun_only_with_interpreter
-def test_rerun_without_interpreter():
-    rerun_without_interpreter(__file__)
 
 
 @triton_compiled_only

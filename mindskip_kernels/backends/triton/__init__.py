@@ -16,8 +16,8 @@ from mindskip_kernels.backends.triton import attention_bwd, compaction, gather_s
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention",
-       "keep_masked_attention")
+OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
+       "decode_attention", "keep_masked_attention")
 # ops with a backward, see backends.resolve(needs_grad=)
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
