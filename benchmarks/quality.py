@@ -9,7 +9,8 @@ held-out perplexity (mean +- std over seeds), ppl / dense, the keep rate achieve
 prefill speed vs dense measured in the same process (interleaved, median). Methods:
 
 - tuned token / sequence routers: `router_tune(keep=...)` (the default every-token rule), trained ONCE per seed
-  toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points);
+  toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points); token
+  routing keeps the first --sink-tokens tokens of each block (attention sinks, as `mindskip tune` does);
 - paper rule: the same with rule="paper" (only kept tokens attend and carry the gradient);
 - learned layer export: drop the attention of the layers whose tuned (token) keep rate is lowest;
 - Attention Drop: training-free, drop the layers with the highest input/output cosine similarity;
@@ -99,6 +100,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sink-tokens", type=int, default=1, help="token routing: first N tokens always kept")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
     p.add_argument("--calib-blocks", type=int, default=16, help="training blocks for thresholds / cosine / export")
@@ -158,7 +160,7 @@ def main() -> None:
             if name not in args.methods and not want_export:
                 continue
             model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
-                                      backend=args.backend)
+                                      backend=args.backend, sink_tokens=args.sink_tokens)
             t0 = time.perf_counter()
             router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, calibration=calib, seed=seed, progress=False)
@@ -172,7 +174,8 @@ def main() -> None:
                     dropped(export_layers(rates, keep=keep), seed, "learned layer export", keep)
             del model
         if "untuned routers" in args.methods:
-            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend)
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                      sink_tokens=args.sink_tokens)
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for layer in mindskip_layers(model).values():
@@ -208,7 +211,8 @@ def main() -> None:
     headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense", "seeds"]
     print(f"\ndense held-out ppl {dense.perplexity:.3f}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
           f"tokens per tuning run (median {statistics.median(tune_seconds) if tune_seconds else 0:.0f} s on "
-          f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}")
+          f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}, sink tokens "
+          f"{args.sink_tokens}")
     print_table(headers, table)
 
     plt = pyplot()

@@ -130,3 +130,9 @@ def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, rows_
         if longest > bound:
             raise ValueError(f"{name_max} must be at least the longest sequence in {name} ({longest}), "
                              f"got {bound}")
+
+
+def sink_tokens(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"sink_tokens must be a non-negative int (tokens always kept), got {value!r}")
+    return value

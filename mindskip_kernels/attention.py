@@ -64,7 +64,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  norm: tuple[torch.Tensor, float] | None = None, training: bool = False, backend: str = "auto"
+                  norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
+                  training: bool = False, backend: str = "auto"
                   ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
 
@@ -73,6 +74,7 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     the norm statistics and the router scores ("router_from_hidden"), and only the kept rows are normalized,
     as they are packed ("gather_norm"). Training (or grad through x) normalizes every row first.
 
+    `force_keep` [B, N] bool: tokens kept whatever their score (see `route`).
     `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
     (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
     hard decision carries the straight-through gradient (forward value exactly 1 on kept rows, d/dscore = 1)
@@ -84,7 +86,8 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
         if training or needs_grad(z, router_weight, norm[0]):  # every row normalized, then the unfused path
             z, norm = rms_norm(z, *norm), None
     plan = route(z, router_weight, threshold=threshold, granularity=granularity,
-                 attention_mask=attention_mask, position_ids=position_ids, norm=norm, backend=backend)
+                 attention_mask=attention_mask, position_ids=position_ids, norm=norm, force_keep=force_keep,
+                 backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")

@@ -67,7 +67,8 @@ def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
 
 def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-          norm: tuple[torch.Tensor, float] | None = None, backend: str = "auto") -> RoutingPlan:
+          norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
+          backend: str = "auto") -> RoutingPlan:
     """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
     compact the kept tokens.
 
@@ -76,6 +77,7 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
     norm: (weight [D], eps) of an RMSNorm; then z is the un-normalized hidden state and the router reads
     RMSNorm(z) (op "router_from_hidden": one pass over z, the normalized rows are never written).
+    force_keep: [B, N] bool, tokens kept whatever their score (e.g. attention sinks; padding still never kept).
     """
     check.tensor("z", z, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("router_weight", router_weight, ndim=(1, 2), dtypes=check.FLOAT_DTYPES)
@@ -85,7 +87,7 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
     device = check.same_device(z=z, router_weight=router_weight, attention_mask=attention_mask,
-                               position_ids=position_ids)
+                               position_ids=position_ids, force_keep=force_keep)
     batch, seq_len, _ = z.shape
     mask = _padding_mask(attention_mask, batch, seq_len, device)
     positions = _position_ids(position_ids, batch, seq_len, device)
@@ -100,6 +102,10 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
         grad = needs_grad(z, router_weight, gamma)
         op = resolve(backend, "router_from_hidden", device, z.dtype, grad, empty=z.numel() == 0)
         scores, keep = op.router_from_hidden(z, gamma, eps, router_weight, mask, threshold, granularity)
+    if force_keep is not None:
+        check.tensor("force_keep", force_keep, ndim=2, dtypes=(torch.bool,))
+        check.shape_match("force_keep", force_keep, (batch, seq_len), "[B, N] of z")
+        keep = keep | (force_keep & mask)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
     # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
     exact = device.type == "cpu" and batch > 0

@@ -95,6 +95,7 @@ class LayerState:
     backend: str
     model_state: ModelState
     rule: str = "every_token"  # the training forward (RULES); inference is the same for every rule
+    sink_tokens: int = 0  # token granularity: the first n real tokens of a sequence are always kept
     fuse_norm: bool = True  # inference: input_layernorm (RMSNorm) fused into the router and the gather
     last_plan: RoutingPlan | None = field(default=None, repr=False)
     last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
@@ -200,8 +201,22 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
     return attend
 
 
+def _sink_flags(st: LayerState, batch: int, seq_len: int, past: int, device: torch.device) -> torch.Tensor | None:
+    """[B, N] True on the first `st.sink_tokens` real tokens of each sequence (token granularity), counted
+    over the whole sequence so far: the model's 2-D padding mask covers cached tokens too; without one, the
+    `past` cached positions are all real."""
+    if not st.sink_tokens or st.granularity != "token":
+        return None
+    full = st.model_state.padding_mask
+    if full is not None:
+        rank = (full != 0).long().cumsum(1)[:, -seq_len:] - 1
+    else:
+        rank = (past + torch.arange(seq_len, device=device)).expand(batch, seq_len)
+    return rank < st.sink_tokens
+
+
 def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, pad: torch.Tensor | None,
-                        st: LayerState) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
+                        st: LayerState, sinks: torch.Tensor | None) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
     """The "every_token" training forward: attention for every token, each query seeing the kept earlier
     tokens and itself (a kept token sees exactly what inference shows it), and h = x + g * attn on every row
     with the hard gate g (0 or 1 in value) passing its gradient straight through to the score. Returns
@@ -209,7 +224,7 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
     attn = layer.self_attn
     z = layer.input_layernorm(x)
     plan = route(z, layer.router.weight, threshold=st.threshold, granularity=st.granularity, attention_mask=pad,
-                 backend=st.backend)
+                 force_keep=sinks, backend=st.backend)
     q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if hasattr(attn, "q_norm"):  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -255,16 +270,17 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
         real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
         threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
+    sinks = _sink_flags(st, batch, seq_len, layer_cache.seen if layer_cache is not None else 0, hidden_states.device)
     if self.training and st.rule == "every_token":
-        hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st)
+        hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st, sinks)
     else:
         attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
         ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
         hidden_states, plan, keep_rate = routed_update(
             hidden_states if st.fuse_norm else ln(hidden_states), self.router.weight, attend, residual=hidden_states,
             norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=threshold,
-            granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids, training=self.training,
-            backend=st.backend)
+            granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids, force_keep=sinks,
+            training=self.training, backend=st.backend)
     if layer_cache is not None:
         layer_cache.seen += seq_len
         if st.granularity == "sequence" and decided is None:
@@ -281,11 +297,14 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
 
 
 def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, threshold: float = 0.5,
-                   granularity: str = "token", backend: str = "auto") -> nn.Module:
+                   granularity: str = "token", backend: str = "auto", *, sink_tokens: int = 0) -> nn.Module:
     """Add a zero-initialised MindSkip router to chosen decoder layers of a transformers causal LM.
 
     layers: None = the paper's choice (the last half of the layers before the final one), an int n = the
-    last n before the final one, or a list of layer indices. Returns the same model, patched in place.
+    last n before the final one, or a list of layer indices. sink_tokens (token granularity): the first n
+    real tokens of every sequence always run attention, whatever their score, so that the kept tokens keep
+    their attention sink (most heads of trained LLMs put much of their weight on the first token; skipping
+    it as a key hurts every kept query). 0 = the paper's semantics. Returns the same model, patched in place.
     """
     model_type = _model_type(model)
     if model_type not in SUPPORTED:
@@ -293,6 +312,7 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
     check.backend(backend)
+    sink_tokens = check.sink_tokens(sink_tokens)
     base = _base_model(model)
     chosen = _choose_layers(len(base.layers), layers)
     if not hasattr(base, "_mindskip_state"):
@@ -306,7 +326,8 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
             ref = layer.input_layernorm.weight
             layer.router = nn.Linear(ref.shape[0], 1, bias=False, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(layer.router.weight)
-        layer.mindskip = LayerState(i, threshold, granularity, backend, base._mindskip_state)
+        layer.mindskip = LayerState(i, threshold, granularity, backend, base._mindskip_state,
+                                    sink_tokens=sink_tokens)
         layer.forward = types.MethodType(_mindskip_layer_forward, layer)
     return model
 
@@ -370,7 +391,9 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
         return next(iter(values.values())) if len(set(values.values())) == 1 else None
 
     meta = {"layers": sorted(layers), "threshold": common(thresholds), "granularity": common(granularities),
-            "thresholds": thresholds, "granularities": granularities, "model_type": _model_type(model),
+            "thresholds": thresholds, "granularities": granularities,
+            "sink_tokens": max(layer.mindskip.sink_tokens for layer in layers.values()),
+            "model_type": _model_type(model),
             "hidden_size": next(iter(tensors.values())).shape[1]}
     if info:
         meta["tuning"] = info
@@ -378,9 +401,10 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
         json.dump(meta, f, indent=2)
 
 
-def _read_routers(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str]] | None, str]:
-    """({layer: router weight}, {layer: (threshold, granularity)} or None for a bare state-dict file, the
-    file named in errors)."""
+def _read_routers(path: str | os.PathLike
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int]] | None, str]:
+    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens)} or None for a bare state-dict
+    file, the file named in errors)."""
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
@@ -403,7 +427,8 @@ def _read_routers(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dic
         raise ValueError(f"{weights_file} holds routers of layers {sorted(weights)} but {meta_file} lists "
                          f"{meta['layers']}")
     per_layer = {i: (meta.get("thresholds", {}).get(str(i), meta.get("threshold")),
-                     meta.get("granularities", {}).get(str(i), meta.get("granularity"))) for i in weights}
+                     meta.get("granularities", {}).get(str(i), meta.get("granularity")),
+                     meta.get("sink_tokens", 0)) for i in weights}
     return weights, per_layer, meta_file
 
 
@@ -439,13 +464,16 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
                              f", the model needs a float [1, {hidden}] (hidden size {hidden})")
         old = patched[i].mindskip if i in patched else None
         if per_layer is not None:
-            threshold, gran = per_layer[i]
+            threshold, gran, sink = per_layer[i]
         else:
-            threshold, gran = (old.threshold, old.granularity) if old is not None else (0.5, "sequence")
+            threshold, gran, sink = ((old.threshold, old.granularity, old.sink_tokens) if old is not None
+                                     else (0.5, "sequence", 0))
         layer_backend = backend if backend is not None else old.backend if old is not None else "auto"
-        settings[i] = (check.threshold(threshold), check.granularity(granularity or gran), layer_backend)
-    for i, (threshold, gran, layer_backend) in settings.items():
-        apply_mindskip(model, layers=[i], threshold=threshold, granularity=gran, backend=layer_backend)
+        settings[i] = (check.threshold(threshold), check.granularity(granularity or gran), layer_backend,
+                       check.sink_tokens(sink))
+    for i, (threshold, gran, layer_backend, sink) in settings.items():
+        apply_mindskip(model, layers=[i], threshold=threshold, granularity=gran, backend=layer_backend,
+                       sink_tokens=sink)
         with torch.no_grad():
             base.layers[i].router.weight.copy_(weights[i])
     return model
