@@ -235,7 +235,7 @@ def _run_every_kernel() -> None:
     kv = torch.randn(indices.shape[0], 2, 128).to(dt).requires_grad_()
     tri.varlen_attention(q, kv, kv, cu, cu, n, n, True, 0.1).sum().backward()
     cache = torch.randn(2, 5, 2, 128).to(dt)
-    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), 0.1)
+    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), None, 0.1)
 
 
 def test_kernels_build_for_sm90(tmp_path):

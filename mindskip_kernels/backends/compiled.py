@@ -32,10 +32,12 @@ KERNELS = {
     "gather_norm": "gather_norm",
     "scatter_add": "scatter_add",
     "decode_attention": "decode_attention",
+    "paged_decode_attention": "decode_attention",
     "varlen_attention": "varlen_attention",
+    "paged_varlen_attention": "paged_varlen_attention",
 }
 ALL_OPS = ("router", "compact_counts", "compact", "gather", "gather_norm", "scatter_add", "decode_attention",
-           "varlen_attention")
+           "varlen_attention", "paged_varlen_attention")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_FREE = ("compact", "gather")  # index work and byte copies: any dtype
 
@@ -150,8 +152,9 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
                      softmax_scale: float) -> torch.Tensor:
+    """Dense caches, or paged pools read through `block_table` in place (no copy of cached K/V)."""
     out = empty(q.shape, q.dtype, q.device)
-    torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, out)
+    torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, out)
     return out
 
 
@@ -161,6 +164,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """CPU only. The kernel reads the sequence lengths from cu_seqlens; the max_seqlen bounds are unused."""
     out = empty(q.shape, q.dtype, q.device)
     torch.ops.mindskip.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, out)
+    return out
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """CPU only. Keys read from the pools through the block table; max_seqlen_q is unused."""
+    out = empty(q.shape, q.dtype, q.device)
+    torch.ops.mindskip.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, causal,
+                                              softmax_scale, out)
     return out
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from mindskip_kernels.backends.triton import ops
+from mindskip_kernels.backends.triton import decode, ops
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention")
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention", "paged_decode_attention")
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -75,5 +75,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
-    """One query per sequence against its cache rows 0..cache_seqlens[b]-1 -> [B, Hq, Dh]."""
-    return ops.decode_op(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+    """One query per sequence against its cache rows 0..cache_seqlens[b]-1 (dense, or paged pools read in
+    place through `block_table`) -> [B, Hq, Dh]."""
+    return decode.decode_op(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale)

@@ -7,7 +7,6 @@ from mindskip_kernels.backends.triton import (
     attention_bwd,
     attention_fwd,
     compaction,
-    decode,
     gather_scatter,
     router_kernels,
 )
@@ -101,16 +100,6 @@ def varlen_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 @varlen_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@torch.library.custom_op("mindskip_triton::decode_attention", mutates_args=())
-def decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float) -> Tensor:
-    return decode.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-
-
-@decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    return torch.empty_like(q)
 
 
 class Router(torch.autograd.Function):
