@@ -120,8 +120,7 @@ def test_supports_is_honest():
 
 def _small_inputs():
     keep = random_keep(2, 33, "random")
-    plan = mk.route(torch.randn(2, 33, 4), torch.zeros(4), threshold=0.0, attention_mask=keep.long(),
-                    backend="reference")
+    plan = mk.RoutingPlan.from_keep(keep, backend="reference")
     x = torch.randn(2 * 33, 24)
     values = torch.randn(plan.num_kept, 24)
     return keep, plan, x, values

@@ -191,3 +191,24 @@ def test_paged_varlen_bad_inputs():
         paged_varlen_attention(q, pool, pool, cu, lens, table, -1)
     with pytest.raises(ValueError, match="does not support paged_varlen_attention"):
         resolve("triton", "paged_varlen_attention", q.device, q.dtype)
+
+
+# ---- plans from known decisions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_from_keep_matches_route(backend):
+    """RoutingPlan.from_keep compacts given decisions exactly like route() compacts the router's."""
+    z, w = torch.randn(3, 11, 8), torch.randn(8)
+    pos = torch.randint(0, 50, (3, 11))
+    routed = mk.route(z, w, position_ids=pos, backend="reference")
+    plan = mk.RoutingPlan.from_keep(routed.keep, pos, scores=routed.scores, backend=backend)
+    for name in ("scores", "keep", "indices", "cu_seqlens", "positions"):
+        assert torch.equal(getattr(plan, name), getattr(routed, name)), name
+    assert plan.max_seqlen == routed.max_seqlen
+    empty = mk.RoutingPlan.from_keep(torch.zeros(2, 0, dtype=torch.bool), backend=backend)
+    assert empty.num_kept == 0 and empty.cu_seqlens.tolist() == [0, 0, 0]
+    with pytest.raises(TypeError, match="keep must have dtype"):
+        mk.RoutingPlan.from_keep(torch.ones(2, 3), backend=backend)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        mk.RoutingPlan.from_keep(routed.keep, scores=torch.rand(3, 10), backend=backend)
