@@ -11,6 +11,8 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers, new_cache
+from mindskip_kernels.kv_pool import PoolFullError
+from tests.harness import backend_params
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
 
 NEW = 10
@@ -87,9 +89,46 @@ def test_all_kept_routers_give_dense_generations():
     torch.testing.assert_close(greedy(model, ids, mask, True), greedy(dense, ids, mask, True), rtol=0, atol=0)
 
 
-def run_cache(model, ids, mask, steps: int = 6) -> MindSkipCache:
+@pytest.mark.parametrize("backend", backend_params("cpu", skip={"triton": "no Triton paged varlen kernel: "
+                                                                          "prefill with a cache needs one"}))
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_cached_equals_recompute_every_backend(backend, granularity):
+    """Both granularities, batch 3 with left padding, through each backend's paged kernels."""
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, backend=backend)
+    torch.manual_seed(5)
+    randomize_routers(model, std=4.0)
+    ids, mask = left_padded_prompts([9, 5, 2], 5)
+    cached = greedy(model, ids, mask, use_cache=True)
+    if granularity == "token":
+        torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
+        return
+    for b in range(ids.shape[0]):
+        expect = reference_sequence_generation(model, ids[b][mask[b].bool()])
+        assert torch.equal(cached[b, ids.shape[1] :], expect), f"sequence {b}"
+
+
+def test_fixed_pool_decodes_without_reading_the_device_and_skips_take_no_slot():
+    """A pool sized up front (num_blocks): decode steps never read lengths back; skipped tokens take no slot,
+    so the stored rows are exactly the kept ones; a pool too small for the kept rows raises."""
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2])
+    randomize_routers(model)
+    ids, mask = left_padded_prompts([12, 9, 5])
+    cache = run_cache(model, ids, mask, cache=new_cache(model, block_size=4, num_blocks=40, max_length=64))
+    for i in (0, 1, 2):
+        layer = cache.layers[i]
+        assert layer.pool.syncs == 0, "a fixed pool with reserved tables needs no host read"
+        kept = layer.lengths.tolist()
+        assert layer.blocks_used == sum(math.ceil(n / 4) for n in kept)
+        assert sum(kept) < mask.sum() + 3 * 6
+    with pytest.raises(PoolFullError, match="num_blocks"):
+        run_cache(model, ids, mask, cache=new_cache(model, block_size=4, num_blocks=2))
+
+
+def run_cache(model, ids, mask, steps: int = 6, cache: MindSkipCache | None = None) -> MindSkipCache:
     """Prefill plus `steps` greedy decode steps through an explicit cache; returns the cache."""
-    cache = new_cache(model, block_size=4)
+    cache = new_cache(model, block_size=4) if cache is None else cache
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)

@@ -9,6 +9,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import resolve
+from mindskip_kernels.kv_pool import PagedKVPool, PoolFullError
 from mindskip_kernels.ops import paged_varlen_attention
 from tests.harness import assert_within_rule, backend_params
 
@@ -212,3 +213,51 @@ def test_plan_from_keep_matches_route(backend):
         mk.RoutingPlan.from_keep(torch.ones(2, 3), backend=backend)
     with pytest.raises(ValueError, match="scores must have shape"):
         mk.RoutingPlan.from_keep(routed.keep, scores=torch.rand(3, 10), backend=backend)
+
+
+# ---- the block pool ---------------------------------------------------------------------------------------------
+
+
+def test_pool_appends_kept_rows_only_and_grows_keeping_them():
+    """Random keep patterns over many decode-like appends: each sequence stores exactly its kept rows in order
+    (skipped rows take no slot), blocks are handed out exactly as needed, growth keeps the stored rows, and a
+    fresh pool is NaN (never silently zero) under the test suite's poisoning."""
+    pool = PagedKVPool(3, 2, 8, num_blocks=1, block_size=4)
+    assert torch.isnan(pool.k).all(), "tests allocate pools NaN-filled"
+    stored = [[] for _ in range(3)]
+    for step in range(30):
+        k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+        keep = torch.rand(3) < (0.0 if step % 7 == 0 else 0.6)
+        rows = torch.arange(3)
+        pool.append(k, v, rows, torch.zeros_like(rows), keep.int(), valid=keep, max_per_seq=1)
+        for b in range(3):
+            if keep[b]:
+                stored[b].append((k[b], v[b]))
+    assert pool.syncs > 0 and pool.num_blocks > 1, "the pool had to grow"
+    assert pool.lengths.tolist() == [len(s) for s in stored]
+    assert int(pool.next_block[0]) == sum(-(-len(s) // 4) for s in stored)
+    for b in range(3):
+        k_rows, v_rows = pool.gather(b)
+        assert torch.equal(k_rows, torch.stack([k for k, _ in stored[b]]).reshape(-1, 2, 8))
+        assert torch.equal(v_rows, torch.stack([v for _, v in stored[b]]).reshape(-1, 2, 8))
+
+
+def test_pool_packed_append_and_byte_budget():
+    """Prefill-style append of packed kept rows; a byte budget sizes the pool; a fixed pool refuses to overflow."""
+    per_block = PagedKVPool.block_bytes(16, 2, 8, torch.float16)
+    pool = PagedKVPool(2, 2, 8, max_bytes=5 * per_block + 7, dtype=torch.float16, growable=False,
+                       max_blocks_per_seq=4)
+    assert pool.num_blocks == 5
+    keep = torch.tensor([[True] * 20 + [False] * 5, [False] * 24 + [True]])
+    plan = mk.RoutingPlan.from_keep(keep)
+    k = torch.randn(plan.num_kept, 2, 8).half()
+    seq = plan.indices // 25
+    rank = torch.arange(plan.num_kept) - plan.cu_seqlens.long()[seq]
+    pool.append(k, k, seq, rank, plan.cu_seqlens[1:] - plan.cu_seqlens[:-1], max_per_seq=25)
+    assert pool.lengths.tolist() == [20, 1] and int(pool.next_block[0]) == 3
+    assert torch.equal(pool.gather(0)[0], k[:20]) and torch.equal(pool.gather(1)[0], k[20:])
+    with pytest.raises(PoolFullError, match="num_blocks"):
+        pool.append(torch.randn(50, 2, 8).half(), torch.randn(50, 2, 8).half(), torch.zeros(50, dtype=torch.long),
+                    torch.arange(50), torch.tensor([50, 0]))
+    with pytest.raises(ValueError, match="exactly one of num_blocks and max_bytes"):
+        PagedKVPool(2, 2, 8)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from mindskip_kernels import _checks as check
-from mindskip_kernels.attention import packed_attention, routed_update
+from mindskip_kernels.attention import apply_rope, packed_attention, routed_update
+from mindskip_kernels.backends import resolve
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
-from mindskip_kernels.routing import RoutingPlan
+from mindskip_kernels.routing import RoutingPlan, gather, scatter_add
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 ROUTERS_FILE = "routers.safetensors"
@@ -47,12 +48,13 @@ class LayerState:
     last_plan: RoutingPlan | None = field(default=None, repr=False)
     last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
     last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
+    last_keep: torch.Tensor | None = field(default=None, repr=False)  # [B, 1] flags of a cached decode step
 
     def keep_rate(self) -> float | None:
         """Fraction of real tokens whose attention ran in the last forward (None before any forward)."""
-        if self.last_plan is None:
+        keep = self.last_keep if self.last_plan is None else self.last_plan.keep
+        if keep is None:
             return None
-        keep = self.last_plan.keep
         real = keep.numel() if self.last_mask is None else int((self.last_mask != 0).sum())
         return int(keep.sum()) / max(real, 1)
 
@@ -93,11 +95,15 @@ def mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
     return {i: layer for i, layer in enumerate(_base_model(model).layers) if hasattr(layer, "mindskip")}
 
 
-def new_cache(model: nn.Module, block_size: int | None = None) -> MindSkipCache:
-    """An empty MindSkipCache for a patched model (what generate and use_cache=True create)."""
+def new_cache(model: nn.Module, block_size: int | None = None, *, num_blocks: int | None = None,
+              max_bytes: int | None = None, max_length: int | None = None) -> MindSkipCache:
+    """An empty MindSkipCache for a patched model (what generate and use_cache=True create). num_blocks (per
+    routed layer) or max_bytes (all routed layers) fix the K/V pools' size (no reallocation: CUDA graphs);
+    max_length sizes the block tables ahead (generate passes its maximum length)."""
     base = _base_model(model)
     kwargs = {} if block_size is None else {"block_size": block_size}
-    return MindSkipCache(base.config, sorted(mindskip_layers(base)), **kwargs)
+    return MindSkipCache(base.config, sorted(mindskip_layers(base)), num_blocks=num_blocks, max_bytes=max_bytes,
+                         max_length=max_length, dtype=base.layers[0].input_layernorm.weight.dtype, **kwargs)
 
 
 def _base_forward_pre_hook(state: ModelState):
@@ -126,32 +132,105 @@ def _prepare_cache_for_generation(model: nn.Module, original):
                                       "per-sequence K/V): use greedy decoding or sampling")
         if (generation_config.use_cache is not False and model_kwargs.get("cache") is None
                 and generation_config.cache_implementation in (None, "dynamic")):
-            model_kwargs["cache"] = new_cache(model)
+            model_kwargs["cache"] = new_cache(model, max_length=generation_config.max_length)
             return None
         return original(generation_config, model_kwargs, *args, **kwargs)
 
     return prepare
 
 
+def _rope_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor | None, head_dim: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's cos/sin [1 or B, N, Dh] as rows [T, Dh] at flat token indices `idx` (None: every row, N = 1),
+    without materialising a [B, N, Dh] copy."""
+    rows = (c.reshape(-1, head_dim) for c in position_embeddings)
+    return tuple((r if idx is None else r.index_select(0, idx)).to(dtype) for r in rows)
+
+
+def _qkv(attn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v [T, H, Dh] of rows z [T, D] through a transformers attention module (Qwen3's q/k norms too)."""
+    q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
 def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], backend: str,
                cache: RoutedKVLayer | None):
-    """attend(packed_z, plan) for a transformers attention module (q/k/v/o projections, optional q/k norms),
-    with RoPE from the model's own cos/sin at the kept tokens' original positions, and the layer's cache."""
-    head_dim = attn.head_dim
-    cos, sin = position_embeddings
+    """attend(packed_z, plan) for a transformers attention module, with RoPE from the model's own cos/sin at
+    the kept tokens' original positions: varlen attention among the kept tokens, or with a `cache`, appended
+    to it and attended over each sequence's cached kept tokens (paged, read in place)."""
+    cos = position_embeddings[0]
 
     def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        q, k, v = (proj(zp).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        # cos/sin are [1 or B, N, Dh]; pick each kept token's row without materialising a [B, N, Dh] copy
+        q, k, v = _qkv(attn, zp)
         idx = plan.indices % plan.seq_len if cos.shape[0] == 1 else plan.indices
-        rows = [c.reshape(-1, head_dim).index_select(0, idx) for c in (cos, sin)]
-        out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend,
-                               cache)
-        return attn.o_proj(out)
+        cos_rows, sin_rows = _rope_rows(position_embeddings, idx, attn.head_dim, q.dtype)
+        if cache is None:
+            return attn.o_proj(packed_attention(q, k, v, cos_rows, sin_rows, plan, attn.scaling, backend))
+        q, k = apply_rope(q, cos_rows, sin_rows), apply_rope(k, cos_rows, sin_rows)
+        return attn.o_proj(cache.attend_prefill(q, k, v, plan, attn.scaling, backend).flatten(1))
 
     return attend
+
+
+def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.Tensor, real: torch.Tensor | None,
+                        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                        layer_cache: RoutedKVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new token per sequence with fixed shapes and no host read: every row goes through with a device
+    keep flag [B] (the router's, or the stored sequence decision), kept rows append K/V and attend over their
+    paged cache, skipped rows take no slot, read no cache, and stay bit-identical. Returns (out, keep)."""
+    st: LayerState = self.mindskip
+    batch = hidden_states.shape[0]
+    if layer_cache.decision is not None:  # sequence granularity: the prefill decision, on the device
+        keep = layer_cache.decision
+    else:
+        mask = torch.ones(batch, 1, dtype=torch.bool, device=z.device) if real is None else real
+        router = resolve(st.backend, "router", z.device, z.dtype)
+        keep = router.router(z, self.router.weight, mask, st.threshold, st.granularity)[1][:, 0]
+        if st.granularity == "sequence":
+            layer_cache.decision = keep
+    if real is not None:
+        keep = keep & real[:, 0]
+    attn = self.self_attn
+    q, k, v = _qkv(attn, z[:, 0])
+    cos, sin = _rope_rows(position_embeddings, None, attn.head_dim, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attn.o_proj(layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend).flatten(1))
+    added = hidden_states + out.unsqueeze(1).to(hidden_states.dtype)
+    return torch.where(keep.view(batch, 1, 1), added, hidden_states), keep
+
+
+def _cached_attention(self: nn.Module, hidden_states: torch.Tensor, pad: torch.Tensor | None,
+                      position_ids: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                      layer_cache: RoutedKVLayer) -> torch.Tensor:
+    """The routed attention sub-block with a MindSkipCache (inference): decode steps take the fixed-shape
+    device path; prefill routes (one host read of T) and attends through the paged cache. Sequence
+    granularity stores the prefill decision and reuses it for every later token."""
+    st: LayerState = self.mindskip
+    seq_len = hidden_states.shape[1]
+    z = self.input_layernorm(hidden_states)
+    real = None if pad is None else pad != 0
+    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+    if seq_len == 1:
+        out, keep = _cached_decode_step(self, hidden_states, z, real, position_embeddings, layer_cache)
+        st.last_plan, st.last_keep = None, keep.unsqueeze(1)
+    elif layer_cache.decision is not None:  # a later chunk of a sequence-granularity prefill: reuse the decision
+        keep = layer_cache.decision.unsqueeze(1).expand(-1, seq_len)
+        plan = RoutingPlan.from_keep(keep if real is None else keep & real, position_ids, backend=st.backend)
+        values = attend(gather(z, plan, backend=st.backend), plan)
+        out = scatter_add(hidden_states, values.to(hidden_states.dtype), plan, backend=st.backend)
+        st.last_plan = plan
+    else:
+        out, plan, _ = routed_update(z, self.router.weight, attend, residual=hidden_states, threshold=st.threshold,
+                                     granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+                                     training=False, backend=st.backend)
+        if st.granularity == "sequence":
+            layer_cache.decision = plan.keep.any(1)
+        st.last_plan = plan
+    st.last_mask, st.last_keep_rate = pad, None
+    layer_cache.seen += seq_len
+    return out
 
 
 def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
@@ -159,9 +238,8 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
                             **kwargs) -> torch.Tensor:
     """Decoder layer forward with the attention sub-block routed; the MLP runs for every token.
 
-    With a MindSkipCache (inference), kept tokens' K/V are appended to the layer's paged cache and attend
-    over their sequence's cached kept tokens; for sequence granularity the prefill decision is reused for
-    every later step. In training the cache is not used (gradients flow through freshly computed K/V)."""
+    With a MindSkipCache (inference) the attention sub-block goes through `_cached_attention`. In training
+    the cache is not used (gradients flow through freshly computed K/V)."""
     st: LayerState = self.mindskip
     layer_cache = None
     if cache is not None and not self.training:
@@ -177,21 +255,15 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
     pad = st.model_state.padding_mask
     if pad is not None and tuple(pad.shape) != (batch, seq_len):
         pad = None if pad.shape[0] != batch or pad.shape[1] < seq_len else pad[:, -seq_len:]
-    threshold, route_mask = st.threshold, pad
-    decided = layer_cache.decision if layer_cache is not None else None
-    if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
-        real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
-        threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
-    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
-    hidden_states, plan, keep_rate = routed_update(
-        self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
-        threshold=threshold, granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids,
-        training=self.training, backend=st.backend)
     if layer_cache is not None:
-        layer_cache.seen += seq_len
-        if st.granularity == "sequence" and decided is None:
-            layer_cache.decision = plan.keep.any(1)
-    st.last_plan, st.last_mask, st.last_keep_rate = plan, pad, keep_rate
+        hidden_states = _cached_attention(self, hidden_states, pad, position_ids, position_embeddings, layer_cache)
+    else:
+        attend = _attend_fn(self.self_attn, position_embeddings, st.backend, None)
+        hidden_states, plan, keep_rate = routed_update(
+            self.input_layernorm(hidden_states), self.router.weight, attend, residual=hidden_states,
+            threshold=st.threshold, granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+            training=self.training, backend=st.backend)
+        st.last_plan, st.last_mask, st.last_keep_rate = plan, pad, keep_rate
     residual = hidden_states
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
     return residual + hidden_states
@@ -230,8 +302,8 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
 
 def keep_rates(model: nn.Module) -> dict[int, float]:
     """Fraction of real tokens whose attention ran in each routed layer, in the last forward."""
-    return {i: layer.mindskip.keep_rate() for i, layer in mindskip_layers(model).items()
-            if layer.mindskip.last_plan is not None}
+    rates = {i: layer.mindskip.keep_rate() for i, layer in mindskip_layers(model).items()}
+    return {i: rate for i, rate in rates.items() if rate is not None}
 
 
 def save_routers(model: nn.Module, path: str | os.PathLike) -> None:
