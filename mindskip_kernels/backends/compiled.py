@@ -8,7 +8,6 @@ argument), so calling torch.ops.mindskip.* directly is safe.
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -46,8 +45,8 @@ def _no_output(*args: object) -> None:
     """Fake (meta) implementation: every op only writes its out arguments, whose shapes the caller chose."""
 
 
-@functools.cache
-def _load() -> tuple[ModuleType | None, str]:
+def _import() -> tuple[ModuleType | None, str]:
+    """Import _C once (at module import, bottom of this file) and register the fakes of its ops."""
     try:
         from mindskip_kernels import _C
     except ImportError as err:  # not built, or built against another torch
@@ -59,22 +58,20 @@ def _load() -> tuple[ModuleType | None, str]:
 
 def load() -> ModuleType:
     """The extension module, or a RuntimeError that says how to build it."""
-    ext, err = _load()
-    if ext is None:
-        raise RuntimeError(NOT_BUILT.format(err=err))
-    return ext
+    if _EXT is None:
+        raise RuntimeError(NOT_BUILT.format(err=_ERR))
+    return _EXT
 
 
 def available() -> bool:
-    return _load()[0] is not None
+    return _EXT is not None
 
 
 def build_info() -> dict:
     """How _C was built ({'cuda': bool, 'cuda_archs': str, ...}), or {'built': False, 'error': ...}."""
-    ext, err = _load()
-    if ext is None:
-        return {"built": False, "error": err}
-    return {"built": True, **ext.build_info()}
+    if _EXT is None:
+        return {"built": False, "error": _ERR}
+    return {"built": True, **_EXT.build_info()}
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -87,11 +84,17 @@ def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
     return _registered(KERNELS[op], device.type)
 
 
-@functools.cache
+_REGISTERED: dict[tuple[str, str], bool] = {}
+
+
 def _registered(kernel: str, device_type: str) -> bool:
-    """Whether torch.ops.mindskip.<kernel> has an implementation for the device type (asked once: hot path)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{kernel}", key)
+    """Whether torch.ops.mindskip.<kernel> has an implementation for the device type. Asked once, then a dict
+    lookup (hot path), which torch.compile traces without a graph break (a functools cache it cannot)."""
+    if (kernel, device_type) not in _REGISTERED:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _REGISTERED[kernel, device_type] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"mindskip::{kernel}", key)
+    return _REGISTERED[kernel, device_type]
 
 
 def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
@@ -177,4 +180,6 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-_load()  # registers torch.ops.mindskip.* (when built) so the wrappers above work on import
+# registers torch.ops.mindskip.* (when built) so the wrappers above work on import; load()/available() read
+# these globals, so torch.compile traces them
+_EXT, _ERR = _import()
