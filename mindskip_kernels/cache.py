@@ -114,17 +114,25 @@ class RoutedKVLayer(CacheLayerMixin):
                                       plan.max_seqlen, causal=True, softmax_scale=softmax_scale, backend=backend)
 
     def attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                      softmax_scale: float | None, backend: str) -> torch.Tensor:
-        """One new token per sequence, every row with a device keep flag [B] bool: kept rows append their K/V
-        [B, Hkv, Dh] and attend q [B, Hq, Dh] over their cache; skipped rows take no slot, read no cache and
-        get zeros. Fixed shapes, no host read (unless the pool's capacity bound is hit, see `kv_pool`)."""
-        batch = q.shape[0]
-        pool = self._pool_for(batch, 1, k)
-        rows = torch.arange(batch, device=k.device)
-        pool.append(k, v, rows, torch.zeros_like(rows), keep.to(torch.int32), valid=keep, max_per_seq=1)
-        lengths = torch.where(keep, pool.lengths, 0)  # length 0: the kernel exits early for a skipped row
-        return decode_attention(q, pool.k, pool.v, lengths, block_table=pool.block_table,
-                                softmax_scale=softmax_scale, backend=backend)
+                      softmax_scale: float | None, backend: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per sequence, keep [B] bool a device flag per sequence. Device path (rows None): every
+        sequence's q/k/v [B, ...] goes through; kept ones append their K/V and attend over their cache,
+        skipped ones take no slot, read no cache and get zeros; fixed shapes, no host read (unless the pool's
+        capacity bound is hit, see `kv_pool`). With `rows` (the kept sequences, compacted on the host where
+        that is free), q/k/v hold those rows only. Returns attention [R, Hq, Dh] for the rows given."""
+        pool = self._pool_for(keep.shape[0], 1, k)
+        if rows is None:
+            rows = torch.arange(keep.shape[0], device=k.device)
+            valid, lengths = keep, None
+        else:
+            valid, lengths = None, pool.lengths.index_select(0, rows)
+        pool.append(k, v, rows, torch.zeros_like(rows), keep.to(torch.int32), valid=valid, max_per_seq=1)
+        if lengths is None:
+            lengths, table = torch.where(keep, pool.lengths, 0), pool.block_table  # 0: the kernel exits early
+        else:
+            lengths, table = lengths + 1, pool.block_table.index_select(0, rows)
+        return decode_attention(q, pool.k, pool.v, lengths, block_table=table, softmax_scale=softmax_scale,
+                                backend=backend)
 
 
 class MindSkipCache(DynamicCache):

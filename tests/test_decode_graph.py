@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mindskip_kernels as mk
+from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import new_cache
 from tests.test_generate import left_padded_prompts
 from tests.test_hf import randomize_routers, tiny_model
@@ -21,6 +22,12 @@ ROUTED = [0, 1, 2]
 DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique",
                   "_unique2", "unique_consecutive", "unique_dim", "equal", "is_nonzero", "repeat_interleave",
                   "_assert_async", "bincount", "histc"}
+
+
+@pytest.fixture(autouse=True)
+def _device_path(monkeypatch):
+    """Run the decode path accelerators run (the CPU's free host compaction switched off)."""
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
 
 
 class HostReads(TorchDispatchMode):

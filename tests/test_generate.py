@@ -10,6 +10,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
+from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers, new_cache
 from mindskip_kernels.kv_pool import PoolFullError
 from tests.harness import backend_params
@@ -92,8 +93,11 @@ def test_all_kept_routers_give_dense_generations():
 @pytest.mark.parametrize("backend", backend_params("cpu", skip={"triton": "no Triton paged varlen kernel: "
                                                                           "prefill with a cache needs one"}))
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_cached_equals_recompute_every_backend(backend, granularity):
-    """Both granularities, batch 3 with left padding, through each backend's paged kernels."""
+@pytest.mark.parametrize("host_compact", [True, False], ids=["cpu-path", "device-path"])
+def test_cached_equals_recompute_every_backend(backend, granularity, host_compact, monkeypatch):
+    """Both granularities, batch 3 with left padding, through each backend's paged kernels; both decode paths
+    (the CPU's host compaction of kept rows, and the fixed-shape device path accelerators run)."""
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", host_compact)
     model = tiny_model("llama")
     mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, backend=backend)
     torch.manual_seed(5)

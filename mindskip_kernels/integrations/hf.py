@@ -174,12 +174,19 @@ def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.T
     return attend
 
 
+# On the CPU a host read of the keep flags is free (no device queue to drain), so a decode step projects and
+# attends only its kept rows there (a skipped row costs no q/k/v/o projection). Accelerators take the
+# fixed-shape device path, which CUDA graphs can capture; tests set this False to run that path on the CPU.
+HOST_COMPACT_ON_CPU = True
+
+
 def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.Tensor, real: torch.Tensor | None,
                         position_embeddings: tuple[torch.Tensor, torch.Tensor],
                         layer_cache: RoutedKVLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One new token per sequence with fixed shapes and no host read: every row goes through with a device
-    keep flag [B] (the router's, or the stored sequence decision), kept rows append K/V and attend over their
-    paged cache, skipped rows take no slot, read no cache, and stay bit-identical. Returns (out, keep)."""
+    """One new token per sequence. The device path has fixed shapes and no host read: every row goes through
+    with a device keep flag [B] (the router's, or the stored sequence decision), kept rows append K/V and
+    attend over their paged cache, skipped rows take no slot, read no cache, and stay bit-identical (the add
+    is predicated on the flag). Returns (out, keep)."""
     st: LayerState = self.mindskip
     batch = hidden_states.shape[0]
     if layer_cache.decision is not None:  # sequence granularity: the prefill decision, on the device
@@ -192,13 +199,20 @@ def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.T
             layer_cache.decision = keep
     if real is not None:
         keep = keep & real[:, 0]
+    rows = keep.nonzero()[:, 0] if HOST_COMPACT_ON_CPU and keep.device.type == "cpu" else None
+    if rows is not None and rows.numel() == 0:
+        return hidden_states, keep  # nothing kept: no projection, no cache access
     attn = self.self_attn
-    q, k, v = _qkv(attn, z[:, 0])
+    q, k, v = _qkv(attn, z[:, 0] if rows is None else z[:, 0].index_select(0, rows))
     cos, sin = _rope_rows(position_embeddings, None, attn.head_dim, q.dtype)
+    if rows is not None and cos.shape[0] > 1:
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attn.o_proj(layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend).flatten(1))
-    added = hidden_states + out.unsqueeze(1).to(hidden_states.dtype)
-    return torch.where(keep.view(batch, 1, 1), added, hidden_states), keep
+    out = attn.o_proj(layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1))
+    out = out.to(hidden_states.dtype)
+    if rows is not None:  # residual + attention on the kept rows (the rounding of the device path's add)
+        return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states), keep
+    return torch.where(keep.view(batch, 1, 1), hidden_states + out.unsqueeze(1), hidden_states), keep
 
 
 def _cached_attention(self: nn.Module, hidden_states: torch.Tensor, pad: torch.Tensor | None,
