@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--csv")
     p.add_argument("--plot")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes, a few seconds (CI)")
+    p.add_argument("--graph-decode", action="store_true",
+                   help="CUDA: decode tokens/s with whole-step CUDA graphs, dense (HF static cache) vs MindSkip "
+                        "(fixed pool, static unrouted layers), at each --shapes and --skip")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.decode_steps, args.repeats, args.shapes = "smoke", 32, 4, 1, None
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     model = mk.apply_mindskip(copy.deepcopy(dense), backend=args.backend)
     for layer in mindskip_layers(model).values():
         torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    if args.graph_decode:
+        return graph_decode(args, dense, model, shapes, device)
     rows, table = [], []
     for batch, seq_len in shapes:
         rows += run_shape(args, dense, model, batch, seq_len, device, table)
@@ -208,6 +213,69 @@ def run_shape(args, dense, model, batch: int, seq_len: int, device: torch.device
                       f"{1 / max(held, 1e-9):.2f}x the tokens (sequences x context) in the same bytes")
     if measure_decode:
         print(f"  dense: {1e3 / dense_dec[0] * batch:.1f} decode tokens/s after a {seq_len}-token prefill")
+    return rows
+
+
+def graph_step_ms(m, ids: torch.Tensor, cache, steps: int, repeats: int) -> tuple[float, float, float]:
+    """Prefill eagerly, capture one whole decode step in a CUDA graph, replay it `steps` times per repeat (the
+    next token and position advanced on the device between replays); ms per step (median, p10, p90)."""
+    batch, seq_len = ids.shape
+    m(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    nxt = torch.randint(0, m.config.vocab_size, (batch, 1), device=ids.device)
+    pos = torch.full((batch, 1), seq_len, device=ids.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        m(nxt, cache=cache, use_cache=True, position_ids=pos, logits_to_keep=1)  # warm-up: compile, handles
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m(nxt, cache=cache, use_cache=True, position_ids=pos, logits_to_keep=1)
+
+    def run():
+        for _ in range(steps):
+            graph.replay()
+            nxt.copy_(out.logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+    t = measure(run, ids.device, warmup=1, repeats=repeats)
+    return tuple(x / steps for x in t)
+
+
+def graph_decode(args, dense, model, shapes, device) -> list[Row]:
+    """Decode tokens/s with CUDA graphs: dense (transformers' StaticCache) vs MindSkip (fixed pool sized for the
+    run, static unrouted layers), and MindSkip with every routed attention skipped (for the ideal)."""
+    if device.type != "cuda":
+        raise SystemExit("--graph-decode needs CUDA")
+    rows, table, dev = [], [], device_name(device)
+    steps = args.decode_steps
+    with torch.no_grad():
+        for batch, seq_len in shapes:
+            ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), device=device)
+            max_len = seq_len + 2 * (args.repeats + 2) * steps + 8  # every replay appends one token
+
+            def mindskip_cache(batch=batch, max_len=max_len):
+                blocks = batch * -(-max_len // 16)  # the dense-equivalent bound: never grows, never reads
+                return new_cache(model, num_blocks=blocks, max_length=max_len, static=True)
+
+            calibrate(model, ids, 1.0)
+            none = graph_step_ms(model, ids, mindskip_cache(), steps, args.repeats)
+            for skip in args.skip:
+                d = graph_step_ms(dense, ids, transformers.StaticCache(config=dense.config, max_cache_len=max_len),
+                                  steps, args.repeats)
+                calibrate(model, ids, skip)
+                m = graph_step_ms(model, ids, mindskip_cache(), steps, args.repeats)
+                ideal = d[0] / max(d[0] - skip * max(d[0] - none[0], 0.0), 1e-9)
+                rows += [Row("e2e", "dense-graph", "decode", "time", "ms/token", f"{batch}x{seq_len}/{skip}", *d, dev),
+                         Row("e2e", "mindskip-graph", "decode", "time", "ms/token", f"{batch}x{seq_len}/{skip}", *m,
+                             dev)]
+                table.append([f"{batch}x{seq_len}", f"{skip:.0%}", f"{1e3 * batch / d[0]:.0f}",
+                              f"{1e3 * batch / m[0]:.0f}", f"{d[0] / m[0]:.2f}x", f"{ideal:.2f}x",
+                              f"{(d[0] / m[0]) / ideal:.0%}"])
+    print_table(["shape", "skipped (prompt)", "dense tok/s", "mindskip tok/s", "speedup", "ideal", "of ideal"],
+                table)
+    if args.csv:
+        write_csv(rows, args.csv)
     return rows
 
 

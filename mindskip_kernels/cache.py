@@ -10,7 +10,8 @@ Sizing: by default each routed layer's pool starts at what the prompt needs and 
 host-side bound of the lengths says it may overflow (one read of the lengths at that point, see
 `kv_pool`); `generate` reserves the block tables for its maximum length. Give `num_blocks` (per routed
 layer) or `max_bytes` (all routed layers together) for a fixed pool that never reallocates: what a decode
-loop captured in a CUDA graph needs.
+loop captured in a CUDA graph needs; with `static=True` the unrouted layers are transformers' StaticLayer,
+so a whole model's decode step can be captured (benchmarks/bench_e2e.py --graph-decode).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticLayer
 
 from mindskip_kernels.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
 from mindskip_kernels.ops import decode_attention, paged_varlen_attention
@@ -144,8 +145,12 @@ class MindSkipCache(DynamicCache):
 
     def __init__(self, config, routed_layers: list[int], block_size: int = DEFAULT_BLOCK_SIZE, *,
                  num_blocks: int | None = None, max_bytes: int | None = None, max_length: int | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, static: bool = False) -> None:
         super().__init__(config=config)
+        if static:  # unrouted layers as transformers' StaticLayer: the whole decode step can be graph-captured
+            if max_length is None:
+                raise ValueError("static=True needs max_length (the static layers' capacity)")
+            self.layers = [StaticLayer(max_cache_len=max_length) for _ in self.layers]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if max_bytes is not None:  # a byte budget for all routed layers' K/V, like vLLM's memory budget
             if num_blocks is not None:
@@ -157,6 +162,9 @@ class MindSkipCache(DynamicCache):
         for i in routed_layers:
             self.layers[i] = RoutedKVLayer(config.num_key_value_heads, head_dim, block_size, num_blocks=num_blocks,
                                            max_length=max_length)
+            # static: every layer has fixed shapes, so transformers builds the full static-size mask in decode
+            # (a non-compileable cache lets SDPA skip the mask for one query, which static layers cannot take)
+            self.layers[i].is_compileable = static
 
     def routed_layer(self, layer_idx: int) -> RoutedKVLayer:
         layer = self.layers[layer_idx]

@@ -150,7 +150,7 @@ VARLEN_CASES = {  # new queries per sequence, cache lengths (new tokens included
 }
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu", skip={"triton": "no Triton paged varlen kernel yet"}))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", list(VARLEN_CASES))
 @pytest.mark.parametrize("causal", [True, False])
@@ -191,7 +191,7 @@ def test_paged_varlen_bad_inputs():
     with pytest.raises(ValueError, match="max_seqlen_q"):
         paged_varlen_attention(q, pool, pool, cu, lens, table, -1)
     with pytest.raises(ValueError, match="does not support paged_varlen_attention"):
-        resolve("triton", "paged_varlen_attention", q.device, q.dtype)
+        resolve("compiled", "paged_varlen_attention", torch.device("cuda"), q.dtype)  # its kernel is CPU only
 
 
 # ---- plans from known decisions ------------------------------------------------------------------------------

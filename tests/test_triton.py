@@ -235,6 +235,10 @@ def _run_every_kernel() -> None:
     tri.varlen_attention(q, kv, kv, cu, cu, n, n, True, 0.1).sum().backward()
     cache = torch.randn(2, 5, 2, 128).to(dt)
     tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), None, 0.1)
+    table = torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)  # the paged variants
+    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), table, 0.1)
+    tri.paged_varlen_attention(q[:4].detach(), cache, cache, torch.tensor([0, 3, 4]), torch.tensor([3, 5]), table, 3,
+                               True, 0.1)
 
 
 def test_kernels_build_for_sm90(tmp_path):

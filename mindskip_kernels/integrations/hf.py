@@ -96,14 +96,16 @@ def mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def new_cache(model: nn.Module, block_size: int | None = None, *, num_blocks: int | None = None,
-              max_bytes: int | None = None, max_length: int | None = None) -> MindSkipCache:
+              max_bytes: int | None = None, max_length: int | None = None, static: bool = False) -> MindSkipCache:
     """An empty MindSkipCache for a patched model (what generate and use_cache=True create). num_blocks (per
     routed layer) or max_bytes (all routed layers) fix the K/V pools' size (no reallocation: CUDA graphs);
-    max_length sizes the block tables ahead (generate passes its maximum length)."""
+    max_length sizes the block tables ahead (generate passes its maximum length); static makes the unrouted
+    layers static (capacity max_length), so a whole decode step can be captured in a CUDA graph."""
     base = _base_model(model)
     kwargs = {} if block_size is None else {"block_size": block_size}
     return MindSkipCache(base.config, sorted(mindskip_layers(base)), num_blocks=num_blocks, max_bytes=max_bytes,
-                         max_length=max_length, dtype=base.layers[0].input_layernorm.weight.dtype, **kwargs)
+                         max_length=max_length, dtype=base.layers[0].input_layernorm.weight.dtype, static=static,
+                         **kwargs)
 
 
 def _base_forward_pre_hook(state: ModelState):

@@ -1,9 +1,9 @@
 """Triton backend: fused router, compaction, gather(+norm), scatter-add, varlen flash attention (forward and
-backward) and split-KV decode attention.
+backward), split-KV decode attention (dense or paged) and paged varlen attention (prefill with a cache).
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 Router, gather, scatter-add and varlen attention are differentiable (custom ops + autograd.Function in
-`ops`); compaction, decode attention, `router_from_hidden` and `gather_norm` are inference paths.
+`ops`); compaction, decode and paged attention, `router_from_hidden` and `gather_norm` are inference paths.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from mindskip_kernels.backends.triton import decode, ops
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention", "paged_decode_attention")
+OPS = ("router", "compact", "gather", "scatter_add", "varlen_attention", "decode_attention", "paged_decode_attention",
+       "paged_varlen_attention")
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention")  # see backends.resolve(needs_grad=)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -78,3 +79,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence against its cache rows 0..cache_seqlens[b]-1 (dense, or paged pools read in
     place through `block_table`) -> [B, Hq, Dh]."""
     return decode.decode_op(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale)
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """Packed queries against paged pools read through the block table (prefill with a cache) -> [Tq, Hq, Dh]."""
+    return decode.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
+                                  causal, softmax_scale)

@@ -5,7 +5,9 @@ without expansion) over one chunk, then a combine pass merges the chunks by thei
 The cache is dense [B, S, Hkv, Dh] or a paged pool [num_blocks, block_size, Hkv, Dh] read in place through
 an int32 block table (vLLM / flash-attention layout); one kernel body, rows addressed by `_cache_rows`. The
 split count depends on shapes only (no host read of the lengths), and a sequence of length 0 (a skipped
-row of a routed decode step) loads no K/V and gets zeros. Ends with the custom op and its fake.
+row of a routed decode step) loads no K/V and gets zeros. `paged_varlen_attention` (prefill with a cache,
+chunked prefill) reads the same pools: packed queries, keys through the block table, causal bottom-right.
+Ends with the custom ops and their fakes.
 """
 
 import torch
@@ -100,6 +102,65 @@ def _decode_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_splits, head_dim, 
              mask=offs_d < head_dim)
 
 
+@triton.jit
+def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, lens_ptr, table_ptr, stride_qt, stride_qh, stride_kb,
+                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
+                         block_size, n_blocks, cap, head_dim, qk_scale, GROUP, IS_CAUSAL: tl.constexpr,
+                         FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_M packed queries of one head of one sequence against its keys 0..len-1 in the paged pool (online
+    softmax in fp32, causal aligned bottom-right; a query that sees no key gets zeros)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if start_m >= q_len:
+        return
+    k_len = tl.maximum(tl.minimum(tl.load(lens_ptr + seq).to(tl.int32), cap), 0)
+    kv_head = head // GROUP
+    diag = k_len - q_len
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (q_start + offs_m).to(tl.int64)
+    q_ok = (offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
+    if FIX_BF16:
+        q = q.to(tl.float32)
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(k_len, start_m + BLOCK_M + diag), 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        block, row = _cache_rows(table_ptr, stride_tb, seq, cols, col_ok, block_size, n_blocks, True)
+        kv_ok = col_ok[:, None] & (offs_d < head_dim)[None, :]  # rows past the length are never loaded
+        k = tl.load(k_ptr + (block * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + (block * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                    mask=kv_ok, other=0.0)
+        if FIX_BF16:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        allowed = col_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+        qk = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             rounded(out, o_ptr.dtype.element_ty, FIX_BF16), mask=q_ok)
+
+
 def _num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Chunks per (sequence, KV head): enough programs to fill the GPU, from shapes only (no sync)."""
     target = 64 if INTERPRET else 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -139,6 +200,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_combine_kernel[(batch * heads,)](part_o, part_lse, out, splits, head_dim, FIX_BF16=fix_bf16(q.dtype),
                                              BLOCK_S=pow2(splits, 1), BLOCK_D=block_d, num_warps=4)
     return out
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """Packed queries q [Tq, Hq, Dh] (cu_seqlens_q) against sequence b's rows 0..cache_seqlens[b]-1 of the
+    pools, read through block_table -> [Tq, Hq, Dh]."""
+    q, k_cache, v_cache = contiguous_last(q, k_cache, v_cache)
+    block_table = block_table.contiguous()
+    total_q, heads, head_dim = q.shape
+    out = empty(q.shape, q.dtype, q.device)
+    batch = cu_seqlens_q.numel() - 1
+    if total_q == 0 or batch == 0 or max_seqlen_q == 0:
+        return out
+    cap = block_table.shape[1] * k_cache.shape[1] if k_cache.shape[0] else 0
+    block_m = 64
+    _paged_varlen_kernel[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
+        q, k_cache, v_cache, out, cu_seqlens_q, cache_seqlens, block_table, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0), k_cache.shape[1], k_cache.shape[0],
+        cap, head_dim, softmax_scale * LOG2E, heads // k_cache.shape[2], IS_CAUSAL=causal,
+        FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        BLOCK_D=head_dim_block(head_dim), num_warps=4)
+    return out
+
+
+@torch.library.custom_op("mindskip_triton::paged_varlen_attention", mutates_args=())
+def paged_varlen_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                    softmax_scale: float) -> torch.Tensor:
+    return paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
+                                  causal, softmax_scale)
+
+
+@paged_varlen_op.register_fake
+def _(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q, causal, softmax_scale):
+    return torch.empty_like(q)
 
 
 @torch.library.custom_op("mindskip_triton::decode_attention", mutates_args=())
