@@ -64,3 +64,23 @@ def test_paged_decode_never_syncs(backend):
     q = torch.randn(4, 32, 128, device=DEV, dtype=torch.bfloat16)
     lens = torch.tensor([0, 255, 256, 100], device=DEV, dtype=torch.int32)
     assert count_syncs(lambda: mk.decode_attention(q, pool, pool, lens, block_table=table, backend=backend)) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("lengths", [([5, 1, 17], [37, 1, 17]), ([300, 0], [1000, 0]), ([64], [64])])
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_varlen(backend, dtype, lengths, causal):
+    kernels(backend, "paged_varlen_attention", dtype)
+    lq, lk = lengths
+    hq, hkv, dh = 8, 2, 128
+    cu_q = torch.tensor([0] + lq).cumsum(0).int()
+    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
+    dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
+    k_pool, v_pool, table = (t.to(DEV) for t in paged(dense_k, dense_v, lk, 16))
+    args = (cu_q.to(DEV), torch.tensor(lk, dtype=torch.int32, device=DEV), table, max(lq))
+    out = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, causal=causal, backend=backend)
+    low = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, causal=causal, backend="reference")
+    truth = mk.paged_varlen_attention(q.to(DEV).double(), k_pool.double(), v_pool.double(), *args, causal=causal,
+                                      backend="reference")
+    assert_within_rule(out, low, truth, "paged varlen")
