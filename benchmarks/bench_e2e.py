@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--graph-decode", action="store_true",
                    help="CUDA: decode tokens/s with whole-step CUDA graphs, dense (HF static cache) vs MindSkip "
                         "(fixed pool, static unrouted layers), at each --shapes and --skip")
+    p.add_argument("--predicated-gemv", action="store_true",
+                   help="CUDA: the Triton predicated projection of a decode row (kept / skipped) vs cuBLAS "
+                        "(F.linear) at the model's q/k/v/o shapes, batch 1 and 8")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.seq_len, args.decode_steps, args.repeats, args.shapes = "smoke", 32, 4, 1, None
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     torch.manual_seed(0)
     dense = build_model(args.model, dtype, device)
+    if args.predicated_gemv:
+        return predicated_gemv(args, dense, device)
     model = mk.apply_mindskip(copy.deepcopy(dense), backend=args.backend)
     for layer in mindskip_layers(model).values():
         torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
@@ -274,6 +279,34 @@ def graph_decode(args, dense, model, shapes, device) -> list[Row]:
                               f"{(d[0] / m[0]) / ideal:.0%}"])
     print_table(["shape", "skipped (prompt)", "dense tok/s", "mindskip tok/s", "speedup", "ideal", "of ideal"],
                 table)
+    if args.csv:
+        write_csv(rows, args.csv)
+    return rows
+
+
+def predicated_gemv(args, dense, device) -> list[Row]:
+    """Time the Triton predicated projection (all rows kept, all skipped) against F.linear (cuBLAS) on the
+    first layer's q/k/v/o weights; a skipped row should cost about a launch."""
+    from mindskip_kernels.backends import triton as tri
+
+    attn, dtype, dev = dense.model.layers[0].self_attn, getattr(torch, args.dtype), device_name(device)
+    rows, table = [], []
+    with torch.no_grad():
+        for batch in (1, 8):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                w = getattr(attn, name).weight
+                x = torch.randn(batch, w.shape[1], device=device, dtype=dtype)
+                times = {"cublas": measure(lambda x=x, w=w: torch.nn.functional.linear(x, w), device,
+                                           repeats=args.repeats)}
+                for label, flag in (("kept", True), ("skipped", False)):
+                    keep = torch.full((batch,), flag, device=device)
+                    times[label] = measure(lambda x=x, w=w, keep=keep: tri.predicated_linear(x, w, None, keep), device,
+                                           repeats=args.repeats)
+                for impl, t in times.items():
+                    rows.append(Row("gemv", impl, name, "time", "ms", f"{batch}x{tuple(w.shape)}", *t, dev))
+                table.append([batch, name, tuple(w.shape), times["cublas"][0], times["kept"][0], times["skipped"][0],
+                              f"{times['cublas'][0] / times['skipped'][0]:.1f}x"])
+    print_table(["batch", "proj", "weight", "cuBLAS ms", "kept ms", "skipped ms", "skip vs cuBLAS"], table)
     if args.csv:
         write_csv(rows, args.csv)
     return rows

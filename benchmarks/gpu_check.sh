@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check: build _C with CUDA, run tests/gpu, benchmark the kernels, one layer and the 8B model on CUDA,
-# print one summary. Sized for < 9 minutes on one H100/H200: the step limits add up to 8.5 min, a normal
+# print one summary. Sized for < 9 minutes on one H100/H200: the step limits add up to 9 min, a normal
 # run takes ~5 (the build, one arch with 16 jobs, is the longest step).
 #
 #   bash benchmarks/gpu_check.sh            # results (CSV, PNG, logs) in $OUT or benchmarks/results/gpu
@@ -45,6 +45,8 @@ step bench_e2e 50 python benchmarks/bench_e2e.py --model llama3-8b --seq-len 204
 # decode tokens/s with whole-step CUDA graphs: dense (HF StaticCache) vs MindSkip (fixed pool), batch 1 and 8
 step bench_decode 60 python benchmarks/bench_e2e.py --model llama3-8b --graph-decode --shapes 1x512 8x512 \
   --skip 0.5 --decode-steps 16 --repeats 2 --csv "$results/decode_graphs.csv"
+step bench_gemv 25 python benchmarks/bench_e2e.py --model llama3-8b --predicated-gemv --repeats 20 \
+  --csv "$results/gemv.csv"
 
 echo
 echo "== summary ($(cat "$results/gpu.txt")) =="
@@ -52,6 +54,8 @@ printf '%s\n' "${summary[@]}"
 echo "tests: $(grep -E '(passed|failed)' "$results/tests_gpu.log" | tail -1)"
 echo "decode with CUDA graphs (tokens/s):"
 grep -E '^\|' "$results/bench_decode.log" | sed 's/^/  /'
+echo "predicated projection of a decode row vs cuBLAS:"
+grep -E '^\|' "$results/bench_gemv.log" | sed 's/^/  /'
 echo "kernel speedups over the reference (p50):"
 grep -E '^\|.*\| +(compiled|triton) \|' "$results/bench_kernels.log" \
   | awk -F'|' '{for (i = 2; i <= 10; i++) gsub(/^ +| +$/, "", $i);

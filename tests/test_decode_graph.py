@@ -166,3 +166,31 @@ def test_routed_decode_layer_compiles_fullgraph(granularity, backend):
     for a, b in ((cache_eager.layers[1], cache_compiled.layers[1]),):
         assert torch.equal(a.lengths, b.lengths) and torch.equal(a.block_table, b.block_table)
         assert torch.equal(a.pool.next_block, b.pool.next_block)
+
+
+# ---- predicated projections (Triton, interpreter here) ------------------------------------------------------
+
+
+@pytest.mark.skipif(not mk.available_backends()["triton"], reason="Triton not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 48, 48), (3, 200, 67), (8, 130, 257), (0, 16, 16)])  # (B, K, N)
+@pytest.mark.parametrize("bias", [True, False])
+def test_predicated_linear_matches_linear(dtype, shape, bias):
+    from mindskip_kernels.backends import triton as tri
+
+    b, k, n = shape
+    x, w = torch.randn(b, k).to(dtype), (torch.randn(n, k) / k**0.5).to(dtype)
+    bv = torch.randn(n).to(dtype) if bias else None
+    keep = torch.rand(b) < 0.5
+    if b:
+        keep[0] = True
+    out = tri.predicated_linear(x, w, bv, keep)
+    truth = torch.nn.functional.linear(x.double(), w.double(), None if bv is None else bv.double())
+    low = torch.nn.functional.linear(x, w, bv)
+    assert out.shape == (b, n) and out.dtype == dtype
+    assert torch.equal(out[~keep], torch.zeros_like(out[~keep])), "a skipped row must give zeros"
+    kept = keep.nonzero()[:, 0]
+    tol = torch.finfo(dtype).eps * 2 * k**0.5
+    err, ref_err = ((o.double() - truth[kept]).abs().max().item() if kept.numel() else 0.0 for o in (out[kept],
+                                                                                                       low[kept]))
+    assert err <= 2 * ref_err + tol, f"max error {err:.3g} > 2 x F.linear's {ref_err:.3g}"

@@ -209,7 +209,8 @@ def test_custom_op_compiles_fullgraph():
 def _kernel_names() -> set[str]:
     """Every Triton kernel defined by the backend (names `_*_kernel`)."""
     modules = [importlib.import_module(f"mindskip_kernels.backends.triton.{name}") for name in
-               ("attention_bwd", "attention_fwd", "compaction", "decode", "gather_scatter", "router_kernels")]
+               ("attention_bwd", "attention_fwd", "compaction", "decode", "gather_scatter", "predicated_linear",
+                "router_kernels")]
     return {f"{m.__name__}.{name}" for m in modules for name in vars(m) if name.endswith("_kernel")}
 
 
@@ -239,6 +240,8 @@ def _run_every_kernel() -> None:
     tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), table, 0.1)
     tri.paged_varlen_attention(q[:4].detach(), cache, cache, torch.tensor([0, 3, 4]), torch.tensor([3, 5]), table, 3,
                                True, 0.1)
+    for bias in (None, torch.randn(96).to(dt)):
+        tri.predicated_linear(x[:, 0], torch.randn(96, d).to(dt), bias, torch.tensor([True, False]))
 
 
 def test_kernels_build_for_sm90(tmp_path):

@@ -12,6 +12,7 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 from mindskip_kernels.backends.triton import decode, ops
+from mindskip_kernels.backends.triton import predicated_linear as _predicated
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
@@ -87,3 +88,10 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Packed queries against paged pools read through the block table (prefill with a cache) -> [Tq, Hq, Dh]."""
     return decode.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
                                   causal, softmax_scale)
+
+
+def predicated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      keep: torch.Tensor) -> torch.Tensor:
+    """x [B, K] @ weight[N, K]^T + bias on rows whose device flag keep [B] is set, zeros elsewhere (a skipped
+    row reads no weight: the projections of a skipped decode row at batch 1 cost a launch, no host branch)."""
+    return _predicated.predicated_linear_op(x, weight, bias, keep)
