@@ -37,7 +37,7 @@ class PagedKVPool:
     k, v:        [num_blocks + 1, block_size, Hkv, Dh]; the last block is scratch for skipped rows
     block_table: [B, max_blocks] int32, sequence b's i-th block (entries past its length are never read)
     lengths:     [B] int32, rows stored per sequence
-    next_block:  [1] int32, the free-block counter (blocks are handed out in order, freed by `reset`)
+    next_block:  [1] int32, the free-block counter (blocks are handed out in order; a new pool per batch)
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, num_blocks: int | None = None,
@@ -78,21 +78,6 @@ class PagedKVPool:
     @property
     def scratch_block(self) -> int:
         return self.num_blocks
-
-    def pools(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) pools as the paged attention ops take them (the scratch block is never in a table)."""
-        return self.k, self.v
-
-    def blocks_used(self) -> torch.Tensor:
-        """Blocks handed out, as a device tensor [1] (read it on the host only where a sync is fine)."""
-        return self.next_block
-
-    def reset(self) -> None:
-        """Free every block (a new batch of sequences)."""
-        self.block_table.zero_()
-        self.lengths.zero_()
-        self.next_block.zero_()
-        self._bound = [0] * self.batch
 
     def _blocks_needed(self, lengths: list[int]) -> int:
         return sum(math.ceil(n / self.block_size) for n in lengths)

@@ -35,8 +35,8 @@ struct CacheLayout {
 template <typename T, int PER_LANE>
 __global__ void __launch_bounds__(kWarps * kWarp)
 decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, CacheLayout kl,
-                    CacheLayout vl, Paging paging, const int64_t* __restrict__ lens, int64_t cap, int hq, int hkv, int dh,
-                    int64_t chunk, float scale, float* __restrict__ part) {
+                    CacheLayout vl, Paging paging, const int64_t* __restrict__ lens, int64_t cap, int hq, int hkv,
+                    int dh, int64_t chunk, float scale, float* __restrict__ part) {
   __shared__ float s_max[kWarps][kHeads], s_sum[kWarps][kHeads];
   __shared__ float s_acc[kWarps][kHeads][kMaxHeadDim];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -164,8 +164,8 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     auto launch = [&](auto kernel) {
       kernel<<<grid, kWarps * kWarp, 0, stream>>>(
           qc.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(), kl,
-          vl, paging, lens.const_data_ptr<int64_t>(), cap, static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(dh),
-          chunk, static_cast<float>(softmax_scale), part.mutable_data_ptr<float>());
+          vl, paging, lens.const_data_ptr<int64_t>(), cap, static_cast<int>(hq), static_cast<int>(hkv),
+          static_cast<int>(dh), chunk, static_cast<float>(softmax_scale), part.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (dh <= 32) {
