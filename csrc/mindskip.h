@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace mindskip {
 
@@ -25,12 +26,42 @@ void check_gather_norm(const Tensor& x, const Tensor& gamma, double eps, const T
 void check_scatter_add(const Tensor& residual, const Tensor& values, const Tensor& indices,
                        const std::optional<Tensor>& scale, const Tensor& out);
 void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                            const Tensor& cache_seqlens, const Tensor& out);
+                            const Tensor& cache_seqlens, const std::optional<Tensor>& block_table,
+                            const Tensor& out);
+void check_paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                  const Tensor& cu_seqlens_q, const Tensor& cache_seqlens, const Tensor& block_table,
+                                  const Tensor& out);
 void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
                             const Tensor& cu_seqlens_k, const Tensor& out);
 
 // Largest head dim the attention kernels accept (the CUDA kernel keeps Dh/32 values per lane in registers).
 constexpr int64_t kMaxHeadDim = 256;
+
+// Where row s of sequence b lives in a K/V cache: a paged pool read through an int32 block table (block ids
+// clamped to the pool, like the reference), or a dense cache, the identity table (block b, offset s).
+struct Paging {
+  const int32_t* table;  // nullptr: dense cache [B, S, ...]
+  int64_t table_stride;  // elements between block-table rows
+  int64_t block_size;
+  int64_t num_blocks;
+
+  // Element offset of the row in a cache with strides (block_stride, row_stride) of its first two dims.
+  C10_HOST_DEVICE int64_t row_offset(int64_t b, int64_t s, int64_t block_stride, int64_t row_stride) const {
+    if (table == nullptr) return b * block_stride + s * row_stride;
+    int64_t block = table[b * table_stride + s / block_size];
+    block = block < 0 ? 0 : (block >= num_blocks ? num_blocks - 1 : block);
+    return block * block_stride + (s % block_size) * row_stride;
+  }
+};
+
+// Paging over k_cache, with `table` the contiguous block table or an undefined tensor (dense cache), and the
+// capacity: the most rows a sequence can have (lengths are clamped to it; 0 for an empty pool).
+inline std::pair<Paging, int64_t> make_paging(const Tensor& k_cache, const Tensor& table) {
+  if (!table.defined()) return {Paging{nullptr, 0, k_cache.size(1), k_cache.size(0)}, k_cache.size(1)};
+  const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1);
+  return {Paging{table.const_data_ptr<int32_t>(), table.size(1), block_size, blocks},
+          blocks == 0 ? 0 : table.size(1) * block_size};
+}
 
 template <typename T>
 C10_HOST_DEVICE inline T ceil_div(T a, T b) {

@@ -80,6 +80,16 @@ void gather_args(const char* op, const Tensor& x, const Tensor& indices, const T
   check_same_device(op, {{"x", &x}, {"indices", &indices}, {"out", &out}});
 }
 
+// A paged pool [num_blocks, block_size >= 1, Hkv, dh] with its int32 block table [batch, max_blocks].
+void check_paged(const char* op, const Tensor& k_cache, const Tensor& block_table, int64_t batch, int64_t dh) {
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1 && k_cache.size(3) == dh, "mindskip.", op, ": k_cache must be a paged pool "
+                    "[num_blocks, block_size >= 1, Hkv, ", dh, "] with a block_table, got ", k_cache.sizes());
+  check_rank(op, "block_table", block_table, 2, "[B, max_blocks]");
+  check_dtype(op, "block_table", block_table, at::kInt);
+  TORCH_CHECK_VALUE(block_table.size(0) == batch, "mindskip.", op, ": block_table must have shape [", batch,
+                    ", max_blocks] (one row per sequence), got ", block_table.sizes());
+}
+
 }  // namespace
 
 void check_router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps,
@@ -155,17 +165,22 @@ void check_scatter_add(const Tensor& residual, const Tensor& values, const Tenso
 }
 
 void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                            const Tensor& cache_seqlens, const Tensor& out) {
+                            const Tensor& cache_seqlens, const std::optional<Tensor>& block_table,
+                            const Tensor& out) {
   const char* op = "decode_attention";
   check_rank(op, "q", q, 3, "[B, Hq, Dh]");
   check_float(op, "q", q);
-  check_rank(op, "k_cache", k_cache, 4, "[B, S, Hkv, Dh]");
+  check_rank(op, "k_cache", k_cache, 4, block_table ? "[num_blocks, block_size, Hkv, Dh]" : "[B, S, Hkv, Dh]");
   check_dtype(op, "k_cache", k_cache, q.scalar_type());
   check_shape(op, "v_cache", v_cache, k_cache.sizes(), "like k_cache");
   check_dtype(op, "v_cache", v_cache, q.scalar_type());
   const int64_t b = q.size(0), hq = q.size(1), dh = q.size(2), hkv = k_cache.size(2);
-  TORCH_CHECK_VALUE(k_cache.size(0) == b && k_cache.size(3) == dh, "mindskip.decode_attention: k_cache must have "
-                    "shape [", b, ", S, Hkv, ", dh, "] to match q, got ", k_cache.sizes());
+  if (block_table) {
+    check_paged(op, k_cache, *block_table, b, dh);
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == b && k_cache.size(3) == dh, "mindskip.decode_attention: k_cache must "
+                      "have shape [", b, ", S, Hkv, ", dh, "] to match q, got ", k_cache.sizes());
+  }
   TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, "mindskip.decode_attention: number of query heads (", hq,
                     ") must be a multiple of cache heads (", hkv, ")");
   check_head_dim(op, dh);
@@ -176,6 +191,33 @@ void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor
   check_out(op, "out", out, q.sizes(), q.scalar_type());
   check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
                          {"cache_seqlens", &cache_seqlens}, {"out", &out}});
+  if (block_table) check_same_device(op, {{"q", &q}, {"block_table", &*block_table}});
+}
+
+void check_paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                  const Tensor& cu_seqlens_q, const Tensor& cache_seqlens, const Tensor& block_table,
+                                  const Tensor& out) {
+  const char* op = "paged_varlen_attention";
+  check_rank(op, "q", q, 3, "[Tq, Hq, Dh]");
+  check_float(op, "q", q);
+  check_rank(op, "k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, Dh]");
+  check_dtype(op, "k_cache", k_cache, q.scalar_type());
+  check_shape(op, "v_cache", v_cache, k_cache.sizes(), "like k_cache");
+  check_dtype(op, "v_cache", v_cache, q.scalar_type());
+  check_index(op, "cu_seqlens_q", cu_seqlens_q);
+  check_rank(op, "cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]");
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() >= 1, "mindskip.paged_varlen_attention: cu_seqlens_q must have B + 1 >= 1 "
+                    "entries, got ", cu_seqlens_q.sizes());
+  const int64_t b = cu_seqlens_q.numel() - 1, hq = q.size(1), dh = q.size(2), hkv = k_cache.size(2);
+  check_paged(op, k_cache, block_table, b, dh);
+  TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, "mindskip.paged_varlen_attention: number of query heads (", hq,
+                    ") must be a multiple of cache heads (", hkv, ")");
+  check_head_dim(op, dh);
+  check_index(op, "cache_seqlens", cache_seqlens);
+  check_shape(op, "cache_seqlens", cache_seqlens, {b}, "one length per sequence");
+  check_out(op, "out", out, q.sizes(), q.scalar_type());
+  check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cu_seqlens_q", &cu_seqlens_q},
+                         {"cache_seqlens", &cache_seqlens}, {"block_table", &block_table}, {"out", &out}});
 }
 
 void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
@@ -215,8 +257,11 @@ TORCH_LIBRARY(mindskip, m) {
   m.def("gather(Tensor x, Tensor indices, Tensor(a!) out) -> ()");
   m.def("gather_norm(Tensor x, Tensor gamma, float eps, Tensor indices, Tensor(a!) out) -> ()");
   m.def("scatter_add(Tensor residual, Tensor values, Tensor indices, Tensor? scale, Tensor(a!) out) -> ()");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale, "
-        "Tensor(a!) out) -> ()");
+  // block_table given: k_cache/v_cache are pools [num_blocks, block_size, Hkv, Dh] read through it
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+        "float softmax_scale, Tensor(a!) out) -> ()");
+  m.def("paged_varlen_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
+        "Tensor cache_seqlens, Tensor block_table, bool causal, float softmax_scale, Tensor(a!) out) -> ()");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, "
         "float softmax_scale, Tensor(a!) out) -> ()");
 }

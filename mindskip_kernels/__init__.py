@@ -7,7 +7,7 @@ the residual stream.
 
 from mindskip_kernels.attention import MindSkipAttention, mindskip_attention
 from mindskip_kernels.backends import available as available_backends
-from mindskip_kernels.ops import decode_attention, keep_masked_attention, varlen_attention
+from mindskip_kernels.ops import decode_attention, keep_masked_attention, paged_varlen_attention, varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "keep_masked_attention",
     "load_routers",
     "mindskip_attention",
+    "paged_varlen_attention",
     "route",
     "save_routers",
     "scatter_add",

@@ -5,7 +5,6 @@ drop-in module, the functional form and the Hugging Face integration all call it
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +15,6 @@ from mindskip_kernels.backends import needs_grad
 from mindskip_kernels.backends.reference import rms_norm
 from mindskip_kernels.ops import varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
-
-if TYPE_CHECKING:
-    from mindskip_kernels.cache import RoutedKVLayer
 
 Attend = Callable[[torch.Tensor, RoutingPlan], torch.Tensor]
 
@@ -47,17 +43,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     plan: RoutingPlan, softmax_scale: float | None, backend: str,
-                     cache: RoutedKVLayer | None = None) -> torch.Tensor:
-    """RoPE at the kept tokens' original positions, then causal attention among each sequence's kept tokens
-    (and, with a `cache`, its earlier kept tokens, after appending the new K/V to it).
-    q [T, Hq, Dh], k/v [T, Hkv, Dh], cos/sin [T, Dh]; returns [T, Hq * Dh]."""
+                     plan: RoutingPlan, softmax_scale: float | None, backend: str) -> torch.Tensor:
+    """RoPE at the kept tokens' original positions, then causal attention among each sequence's kept tokens.
+    q [T, Hq, Dh], k/v [T, Hkv, Dh], cos/sin [T, Dh]; returns [T, Hq * Dh]. (With a KV cache the caller
+    attends through the cache instead: see integrations/hf.py.)"""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        out = cache.attend(q, k, v, plan, softmax_scale, backend)
-    else:
-        out = varlen_attention(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                               causal=True, softmax_scale=softmax_scale, backend=backend)
+    out = varlen_attention(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                           causal=True, softmax_scale=softmax_scale, backend=backend)
     return out.flatten(1)
 
 

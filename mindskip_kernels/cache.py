@@ -1,10 +1,17 @@
 """A KV cache that stores only what was computed.
 
 `MindSkipCache` is a transformers `DynamicCache` whose routed layers hold a `RoutedKVLayer`: K/V of kept
-tokens only, per sequence, in a paged pool of fixed-size blocks (a block table per sequence, like vLLM), so
-sequences of the batch have ragged lengths and waste at most one partial block each. Unrouted layers keep
-transformers' ordinary `DynamicLayer`. `apply_mindskip` models create it automatically in `generate` and in
-forwards with `use_cache=True`.
+tokens only, per sequence, in a `kv_pool.PagedKVPool` (fixed-size blocks, a block table per sequence, like
+vLLM), so sequences of the batch have ragged lengths and waste at most one partial block each. The paged
+attention ops read the pool in place. Unrouted layers keep transformers' ordinary `DynamicLayer`.
+`apply_mindskip` models create it automatically in `generate` and in forwards with `use_cache=True`.
+
+Sizing: by default each routed layer's pool starts at what the prompt needs and grows by 25% when the
+host-side bound of the lengths says it may overflow (one read of the lengths at that point, see
+`kv_pool`); `generate` reserves the block tables for its maximum length. Give `num_blocks` (per routed
+layer) or `max_bytes` (all routed layers together) for a fixed pool that never reallocates: what a decode
+loop captured in a CUDA graph needs; with `static=True` the unrouted layers are transformers' StaticLayer,
+so a whole model's decode step can be captured (benchmarks/bench_e2e.py --graph-decode).
 """
 
 from __future__ import annotations
@@ -12,40 +19,35 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticLayer
 
-from mindskip_kernels.ops import decode_attention, varlen_attention
+from mindskip_kernels.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
+from mindskip_kernels.ops import decode_attention, paged_varlen_attention
 from mindskip_kernels.routing import RoutingPlan
-
-DEFAULT_BLOCK_SIZE = 16
 
 
 class RoutedKVLayer(CacheLayerMixin):
-    """Paged K/V of the kept tokens of one routed layer.
+    """Paged K/V of the kept tokens of one routed layer (a `PagedKVPool`, created at the first append).
 
-    pool_k/pool_v: [num_blocks, block_size, Hkv, Dh]; block_table [B, max_blocks] int32 maps a sequence's
-    i-th block to a pool block; lengths [B] int32 counts each sequence's stored (kept) tokens. `seen` is the
-    number of token positions the layer has processed (kept or not), which is what transformers asks for.
-    `decision` holds the per-sequence prefill decision for sequence granularity.
+    `seen` is the number of token positions the layer has processed (kept or not), which is what
+    transformers asks for. `decision` [B] bool holds the per-sequence prefill decision for sequence
+    granularity, on the device.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                 num_blocks: int | None = None, max_length: int | None = None) -> None:
         super().__init__()
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        self.num_blocks, self.max_length = num_blocks, max_length
         self.reset()
 
     def reset(self) -> None:
         self.seen = 0
-        self.blocks_used = 0
-        self.pool_k: torch.Tensor | None = None
-        self.pool_v: torch.Tensor | None = None
-        self.block_table: torch.Tensor | None = None
-        self.lengths: torch.Tensor | None = None
-        self.host_lengths: list[int] = []
+        self.pool: PagedKVPool | None = None
         self.decision: torch.Tensor | None = None
 
     # transformers' view of this layer: as long as the dense one would be
@@ -69,82 +71,68 @@ class RoutedKVLayer(CacheLayerMixin):
 
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
 
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """[B] int32 stored (kept) tokens per sequence, on the device."""
+        return None if self.pool is None else self.pool.lengths
+
+    @property
+    def block_table(self) -> torch.Tensor | None:
+        return None if self.pool is None else self.pool.block_table
+
+    @property
+    def blocks_used(self) -> int:
+        """Blocks handed out (reads the device counter: for inspection, not the hot path)."""
+        return 0 if self.pool is None else int(self.pool.next_block[0])
+
     def nbytes(self) -> int:
         """Bytes of K and V in the blocks in use (the logical footprint, block-rounded)."""
-        if self.pool_k is None:
-            return 0
-        per_block = self.block_size * self.num_kv_heads * self.head_dim * self.pool_k.element_size()
-        return 2 * self.blocks_used * per_block
+        return 0 if self.pool is None else self.pool.nbytes()
 
-    def _reserve(self, counts: list[int], like: torch.Tensor) -> None:
-        """Make room for counts[b] more tokens in each sequence b: allocate blocks, grow pool and table."""
-        if self.lengths is None:
-            batch = len(counts)
-            self.lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
-            self.host_lengths = [0] * batch
-            self.block_table = torch.zeros(batch, 0, dtype=torch.int32, device=like.device)
-            shape = (0, self.block_size, self.num_kv_heads, self.head_dim)
-            self.pool_k = like.new_empty(shape)
-            self.pool_v = like.new_empty(shape)
-        bs = self.block_size
-        new_blocks = []  # (sequence, block slot, pool block)
-        for b, (old, add) in enumerate(zip(self.host_lengths, counts, strict=True)):
-            for slot in range(math.ceil(old / bs), math.ceil((old + add) / bs)):
-                new_blocks.append((b, slot, self.blocks_used))
-                self.blocks_used += 1
-            self.host_lengths[b] = old + add
-        if not new_blocks:
-            return
-        if self.blocks_used > self.pool_k.shape[0]:  # grow by 25% (at least what is needed) to amortise copies
-            extra = max(self.blocks_used - self.pool_k.shape[0], self.pool_k.shape[0] // 4)
-            pad = self.pool_k.new_empty((extra, *self.pool_k.shape[1:]))
-            self.pool_k, self.pool_v = torch.cat([self.pool_k, pad]), torch.cat([self.pool_v, pad])
-        width = max(slot for _, slot, _ in new_blocks) + 1
-        if width > self.block_table.shape[1]:
-            self.block_table = torch.nn.functional.pad(self.block_table, (0, width - self.block_table.shape[1]))
-        seq, slot, block = (torch.tensor(c, device=like.device) for c in zip(*new_blocks, strict=True))
-        self.block_table[seq, slot] = block.to(torch.int32)
+    def _pool_for(self, batch: int, rows: int, like: torch.Tensor) -> PagedKVPool:
+        """The pool, created for `batch` sequences on the first append (`rows`: that append's rows per
+        sequence at most, the default initial size)."""
+        if self.pool is None:
+            blocks = self.num_blocks
+            if blocks is None:  # default: what the first append may need, grown later on demand
+                blocks = batch * max(1, math.ceil(rows / self.block_size))
+            width = math.ceil(max(self.max_length or 0, rows, 1) / self.block_size)
+            self.pool = PagedKVPool(batch, self.num_kv_heads, self.head_dim, num_blocks=blocks,
+                                    block_size=self.block_size, max_blocks_per_seq=width, dtype=like.dtype,
+                                    device=like.device, growable=self.num_blocks is None)
+        return self.pool
 
-    def _slots(self, seq: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Flat pool row of token `offset` of sequence `seq`."""
-        block = self.block_table[seq, offset // self.block_size].long()
-        return block * self.block_size + offset % self.block_size
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """Store the kept tokens' K/V [T, Hkv, Dh] at the end of their sequences; returns each token's
-        sequence index [T]. Synchronises once with the device (block allocation is on the host)."""
-        counts = (plan.cu_seqlens[1:] - plan.cu_seqlens[:-1]).tolist()
-        self._reserve(counts, k)
+    def attend_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan,
+                       softmax_scale: float | None, backend: str) -> torch.Tensor:
+        """Append the kept tokens' K/V [T, Hkv, Dh] (RoPE applied) at the end of their sequences, then attend
+        each kept query [T, Hq, Dh] over its sequence's cached kept tokens, causal aligned at the end (prefill
+        and chunked prefill; the paged varlen op reads the pool in place). Returns [T, Hq, Dh]."""
+        pool = self._pool_for(plan.batch_size, plan.seq_len, k)
         seq = plan.indices // plan.seq_len
-        offset = self.lengths[seq] + (torch.arange(seq.shape[0], device=k.device) - plan.cu_seqlens[seq])
-        rows = self._slots(seq, offset)
-        self.pool_k.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, rows, k.detach())
-        self.pool_v.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, rows, v.detach())
-        self.lengths += (plan.cu_seqlens[1:] - plan.cu_seqlens[:-1]).to(torch.int32)
-        return seq
+        rank = torch.arange(seq.shape[0], device=k.device) - plan.cu_seqlens.long().index_select(0, seq)
+        pool.append(k, v, seq, rank, plan.cu_seqlens[1:] - plan.cu_seqlens[:-1], max_per_seq=plan.seq_len)
+        return paged_varlen_attention(q, pool.k, pool.v, plan.cu_seqlens, pool.lengths, pool.block_table,
+                                      plan.max_seqlen, causal=True, softmax_scale=softmax_scale, backend=backend)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan,
-               softmax_scale: float | None, backend: str) -> torch.Tensor:
-        """Append the new kept tokens, then attend each over its sequence's cached kept tokens (itself
-        included). One new token per sequence (decode) uses the decode-attention kernel over the block
-        table; otherwise (prefill, chunked prefill) varlen attention, causal aligned at the end."""
-        seq = self.append(k, v, plan)
-        if plan.seq_len == 1:
-            width = self.block_table.shape[1] * self.block_size
-            blocks = self.block_table.index_select(0, seq).flatten()  # the kept sequences' block tables
-            kc, vc = (pool.index_select(0, blocks).view(seq.shape[0], width, self.num_kv_heads, self.head_dim)
-                      for pool in (self.pool_k, self.pool_v))
-            return decode_attention(q, kc, vc, self.lengths.index_select(0, seq), softmax_scale=softmax_scale,
-                                    backend=backend)
-        cu_k = torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).to(torch.int32)
-        total = sum(self.host_lengths)
-        rows = torch.arange(total, device=q.device)
-        seq_k = torch.searchsorted(cu_k[1:].long(), rows, right=True)
-        slots = self._slots(seq_k, rows - cu_k.index_select(0, seq_k))
-        k_all, v_all = (pool.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
-                        for pool in (self.pool_k, self.pool_v))
-        return varlen_attention(q, k_all, v_all, plan.cu_seqlens, cu_k, plan.max_seqlen,
-                                max(self.host_lengths, default=0), causal=True, softmax_scale=softmax_scale,
+    def attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      softmax_scale: float | None, backend: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per sequence, keep [B] bool a device flag per sequence. Device path (rows None): every
+        sequence's q/k/v [B, ...] goes through; kept ones append their K/V and attend over their cache,
+        skipped ones take no slot, read no cache and get zeros; fixed shapes, no host read (unless the pool's
+        capacity bound is hit, see `kv_pool`). With `rows` (the kept sequences, compacted on the host where
+        that is free), q/k/v hold those rows only. Returns attention [R, Hq, Dh] for the rows given."""
+        pool = self._pool_for(keep.shape[0], 1, k)
+        if rows is None:
+            rows = torch.arange(keep.shape[0], device=k.device)
+            valid, lengths = keep, None
+        else:
+            valid, lengths = None, pool.lengths.index_select(0, rows)
+        pool.append(k, v, rows, torch.zeros_like(rows), keep.to(torch.int32), valid=valid, max_per_seq=1)
+        if lengths is None:
+            lengths, table = torch.where(keep, pool.lengths, 0), pool.block_table  # 0: the kernel exits early
+        else:
+            lengths, table = lengths + 1, pool.block_table.index_select(0, rows)
+        return decode_attention(q, pool.k, pool.v, lengths, block_table=table, softmax_scale=softmax_scale,
                                 backend=backend)
 
 
@@ -155,11 +143,28 @@ class MindSkipCache(DynamicCache):
     tokens, so `nbytes() / dense_nbytes()` shows the saving.
     """
 
-    def __init__(self, config, routed_layers: list[int], block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(self, config, routed_layers: list[int], block_size: int = DEFAULT_BLOCK_SIZE, *,
+                 num_blocks: int | None = None, max_bytes: int | None = None, max_length: int | None = None,
+                 dtype: torch.dtype | None = None, static: bool = False) -> None:
         super().__init__(config=config)
+        if static:  # unrouted layers as transformers' StaticLayer: the whole decode step can be graph-captured
+            if max_length is None:
+                raise ValueError("static=True needs max_length (the static layers' capacity)")
+            self.layers = [StaticLayer(max_cache_len=max_length) for _ in self.layers]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if max_bytes is not None:  # a byte budget for all routed layers' K/V, like vLLM's memory budget
+            if num_blocks is not None:
+                raise ValueError("give at most one of num_blocks and max_bytes")
+            dtype = dtype or getattr(config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            per_block = PagedKVPool.block_bytes(block_size, config.num_key_value_heads, head_dim, dtype)
+            num_blocks = int(max_bytes) // (per_block * max(len(routed_layers), 1))
         for i in routed_layers:
-            self.layers[i] = RoutedKVLayer(config.num_key_value_heads, head_dim, block_size)
+            self.layers[i] = RoutedKVLayer(config.num_key_value_heads, head_dim, block_size, num_blocks=num_blocks,
+                                           max_length=max_length)
+            # static: every layer has fixed shapes, so transformers builds the full static-size mask in decode
+            # (a non-compileable cache lets SDPA skip the mask for one query, which static layers cannot take)
+            self.layers[i].is_compileable = static
 
     def routed_layer(self, layer_idx: int) -> RoutedKVLayer:
         layer = self.layers[layer_idx]

@@ -40,6 +40,32 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                 block_table: torch.Tensor | None, batch: int) -> None:
+    """The K/V cache arguments shared by the cache attention ops (q already checked): k_cache/v_cache of q's
+    dtype, a paged pool [num_blocks, block_size >= 1, Hkv, Dh] when `block_table` [batch, max_blocks] int32
+    is given, GQA heads, one length per sequence, one device."""
+    check.tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,))
+    check.tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,))
+    check.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=check.INDEX_DTYPES)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    hq, dh = q.shape[1], q.shape[2]
+    if block_table is not None:
+        check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape [{batch}, max_blocks] (one row per sequence), got "
+                             f"{tuple(block_table.shape)}")
+        if k_cache.shape[3] != dh or k_cache.shape[1] < 1:
+            raise ValueError(f"k_cache must be a paged pool [num_blocks, block_size >= 1, Hkv, {dh}] with a "
+                             f"block_table, got {tuple(k_cache.shape)}")
+    if k_cache.shape[2] == 0 or hq % k_cache.shape[2]:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of cache heads ({k_cache.shape[2]})")
+    check.shape_match("cache_seqlens", cache_seqlens, (batch,), "one length per sequence")
+    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      *, block_table: torch.Tensor | None = None, softmax_scale: float | None = None,
                      backend: str = "auto") -> torch.Tensor:
@@ -54,33 +80,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [B, Hq, Dh].
     """
     check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
-    check.tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,))
-    check.tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,))
-    check.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=check.INDEX_DTYPES)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    batch, hq, dh = q.shape
+    batch, _, dh = q.shape
     if block_table is None:
+        check.tensor("k_cache", k_cache, ndim=4)
         if k_cache.shape[0] != batch or k_cache.shape[3] != dh:
             raise ValueError(f"k_cache must have shape [{batch}, S, Hkv, {dh}] to match q, got "
                              f"{tuple(k_cache.shape)}")
-    else:
-        check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table must have shape [{batch}, max_blocks] (one row per sequence of q), got "
-                             f"{tuple(block_table.shape)}")
-        if k_cache.shape[3] != dh or k_cache.shape[1] < 1:
-            raise ValueError(f"k_cache must be a paged pool [num_blocks, block_size >= 1, Hkv, {dh}] with a "
-                             f"block_table, got {tuple(k_cache.shape)}")
-    if k_cache.shape[2] == 0 or hq % k_cache.shape[2]:
-        raise ValueError(f"number of query heads ({hq}) must be a multiple of cache heads ({k_cache.shape[2]})")
-    check.shape_match("cache_seqlens", cache_seqlens, (batch,), "one length per sequence")
-    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
+    _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, batch)
     scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
     op = resolve(backend, "paged_decode_attention" if block_table is not None else "decode_attention", q.device,
                  q.dtype, needs_grad(q, k_cache, v_cache))
     return op.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale)
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, *,
+                           causal: bool = True, softmax_scale: float | None = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """Packed queries against a paged KV cache (prefill with a cache, chunked prefill); returns [Tq, Hq, Dh].
+
+    q [Tq, Hq, Dh] packed by cu_seqlens_q [B+1]; k_cache/v_cache pools [num_blocks, block_size, Hkv, Dh] and
+    block_table [B, max_blocks] int32 as in `decode_attention`. Sequence b's keys are its rows
+    0..cache_seqlens[b]-1, the new tokens' own keys already appended; causal masking is aligned bottom-right
+    (query i of Lq sees keys 0..i+Lk-Lq). Rows past a sequence's length are never read into the result;
+    queries that see no key return zeros. max_seqlen_q is an upper bound on the queries per sequence.
+    """
+    check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
+    check.tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=check.INDEX_DTYPES)
+    if cu_seqlens_q.numel() < 1:
+        raise ValueError(f"cu_seqlens_q must have B+1 >= 1 entries, got {cu_seqlens_q.numel()}")
+    if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be a non-negative int, got {max_seqlen_q!r}")
+    _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q.numel() - 1)
+    check.same_device(q=q, cu_seqlens_q=cu_seqlens_q)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    op = resolve(backend, "paged_varlen_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache))
+    return op.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
+                                     causal, scale)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,

@@ -44,6 +44,27 @@ class RoutingPlan:
         """T, the number of kept tokens (known from the shape: no sync)."""
         return self.indices.shape[0]
 
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                  scores: torch.Tensor | None = None, backend: str = "auto") -> RoutingPlan:
+        """A plan for decisions already known (e.g. a sequence's prefill decision reused later, or a test's
+        chosen pattern): keep [B, N] bool, position_ids as in `route`, scores [B, N] (default: keep as 0/1).
+        Compacts like `route` (one host read of T on accelerators)."""
+        check.tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
+        device = check.same_device(keep=keep, position_ids=position_ids, scores=scores)
+        batch, seq_len = keep.shape
+        positions = _position_ids(position_ids, batch, seq_len, device)
+        if scores is None:
+            scores = keep.float()
+        else:
+            check.tensor("scores", scores, ndim=2, dtypes=check.FLOAT_DTYPES)
+            check.shape_match("scores", scores, (batch, seq_len), "[B, N] like keep")
+        indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, torch.float32).compact(keep,
+                                                                                                          positions)
+        exact = device.type == "cpu" and batch > 0
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if exact else seq_len
+        return cls(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
+
 
 def _padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int,
                   device: torch.device) -> torch.Tensor:

@@ -69,13 +69,13 @@ BAD_CALLS = {
     "scatter scale shape": (lambda: ops.scatter_add(torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, 2]),
                                                     torch.rand(3), torch.empty(3, 4)), ValueError, "scale must have"),
     "decode gqa": (lambda: ops.decode_attention(torch.randn(1, 6, 8), torch.randn(1, 5, 4, 8), torch.randn(1, 5, 4, 8),
-                                                torch.tensor([3]), 1.0, torch.empty(1, 6, 8)),
+                                                torch.tensor([3]), None, 1.0, torch.empty(1, 6, 8)),
                    ValueError, "must be a multiple of cache heads"),
     "decode head dim": (lambda: ops.decode_attention(torch.randn(1, 2, 300), torch.randn(1, 5, 1, 300),
-                                                     torch.randn(1, 5, 1, 300), torch.tensor([3]), 1.0,
+                                                     torch.randn(1, 5, 1, 300), torch.tensor([3]), None, 1.0,
                                                      torch.empty(1, 2, 300)), ValueError, "head dim must be in"),
     "decode seqlens dtype": (lambda: ops.decode_attention(torch.randn(1, 2, 8), torch.randn(1, 5, 1, 8),
-                                                          torch.randn(1, 5, 1, 8), torch.tensor([3.0]), 1.0,
+                                                          torch.randn(1, 5, 1, 8), torch.tensor([3.0]), None, 1.0,
                                                           torch.empty(1, 2, 8)), TypeError, "cache_seqlens must be"),
     "varlen cu order": (lambda: ops.varlen_attention(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
                                                      torch.tensor([0, 3, 2, 4]), torch.tensor([0, 1, 2, 4]), True, 1.0,
@@ -120,8 +120,7 @@ def test_supports_is_honest():
 
 def _small_inputs():
     keep = random_keep(2, 33, "random")
-    plan = mk.route(torch.randn(2, 33, 4), torch.zeros(4), threshold=0.0, attention_mask=keep.long(),
-                    backend="reference")
+    plan = mk.RoutingPlan.from_keep(keep, backend="reference")
     x = torch.randn(2 * 33, 24)
     values = torch.randn(plan.num_kept, 24)
     return keep, plan, x, values
@@ -137,7 +136,7 @@ def test_torch_compile_fullgraph():
         scores, kept = compiled.router(z, w, keep, 0.5, "sequence")
         packed = compiled.gather(x, idx)
         out = compiled.scatter_add(x, values + packed, idx, scale)
-        attn = compiled.decode_attention(q, kc, vc, lens, 0.25)
+        attn = compiled.decode_attention(q, kc, vc, lens, None, 0.25)
         return scores, kept, out, attn
 
     args = (z, w, keep, x, values, plan.indices, torch.rand(plan.num_kept), q, kc, vc, lens)
@@ -156,7 +155,7 @@ OPCHECK_CASES = {
     "scatter_add": lambda: (ops.scatter_add, (torch.randn(6, 8), torch.randn(2, 8), torch.tensor([1, 4]),
                                               torch.rand(2), torch.empty(6, 8))),
     "decode_attention": lambda: (ops.decode_attention, (torch.randn(2, 4, 16), torch.randn(2, 9, 2, 16),
-                                                        torch.randn(2, 9, 2, 16), torch.tensor([3, 9]), 0.25,
+                                                        torch.randn(2, 9, 2, 16), torch.tensor([3, 9]), None, 0.25,
                                                         torch.empty(2, 4, 16))),
     "compact_counts": lambda: (ops.compact_counts, (random_keep(3, 7, "random"), torch.empty(4, dtype=torch.int32))),
 }
@@ -207,9 +206,9 @@ def test_decode_attention_strided_cache():
     big_v = torch.randn(3, 40, 2, 2, 64)
     k_cache, v_cache = big_k[:, :30, :, 1], big_v[:, :30, :, 0]  # [3, 30, 2, 64], non-contiguous
     q, lens = torch.randn(3, 6, 64), torch.tensor([0, 17, 45], dtype=torch.int64)  # 45 > capacity: clamped
-    out = compiled.decode_attention(q, k_cache, v_cache, lens, 0.125)
-    truth = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(), lens, 0.125)
-    assert_within_rule(out, reference.decode_attention(q, k_cache, v_cache, lens, 0.125), truth)
+    out = compiled.decode_attention(q, k_cache, v_cache, lens, None, 0.125)
+    truth = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(), lens, None, 0.125)
+    assert_within_rule(out, reference.decode_attention(q, k_cache, v_cache, lens, None, 0.125), truth)
 
 
 def test_varlen_attention_fp64_int64_offsets():

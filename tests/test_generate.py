@@ -10,7 +10,10 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
-from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers, new_cache
+from mindskip_kernels.integrations import hf
+from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing
+from mindskip_kernels.kv_pool import PoolFullError
+from tests.harness import backend_params
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
 
 NEW = 10
@@ -41,9 +44,9 @@ def test_token_granularity_cached_equals_recompute(arch, seed):
     torch.manual_seed(seed)
     randomize_routers(model)
     ids, mask = left_padded_prompts([9, 5, 2], seed)
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model) as rec:
         model(ids, attention_mask=mask, use_cache=False)
-    assert any(0.0 < r < 1.0 for r in keep_rates(model).values()), "routing of the prompts should be mixed"
+    assert any(0.0 < r < 1.0 for r in rec.keep_rates().values()), "routing of the prompts should be mixed"
     cached = greedy(model, ids, mask, use_cache=True)
     torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
 
@@ -53,9 +56,10 @@ def reference_sequence_generation(model, prompt: torch.Tensor) -> torch.Tensor:
     layers = mindskip_layers(model)
     saved = {i: layer.mindskip.threshold for i, layer in layers.items()}
     with torch.no_grad():
-        model(prompt.unsqueeze(0), use_cache=False)
-        for layer in layers.values():  # scores are < 1, so threshold 1.0 skips and 0.0 keeps
-            layer.mindskip.threshold = 0.0 if bool(layer.mindskip.last_plan.keep.any()) else 1.0
+        with record_routing(model) as rec:
+            model(prompt.unsqueeze(0), use_cache=False)
+        for entry in rec.entries:  # scores are < 1, so threshold 1.0 skips and 0.0 keeps
+            layers[entry.layer_idx].mindskip.threshold = 0.0 if bool(entry.keep.any()) else 1.0
         ids = prompt.unsqueeze(0)
         for _ in range(NEW):
             nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
@@ -87,9 +91,50 @@ def test_all_kept_routers_give_dense_generations():
     torch.testing.assert_close(greedy(model, ids, mask, True), greedy(dense, ids, mask, True), rtol=0, atol=0)
 
 
-def run_cache(model, ids, mask, steps: int = 6) -> MindSkipCache:
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize("host_compact", [True, False], ids=["cpu-path", "device-path"])
+def test_cached_equals_recompute_every_backend(backend, granularity, host_compact, monkeypatch):
+    """Both granularities, batch 3 with left padding, through each backend's paged kernels; both decode paths
+    (the CPU's host compaction of kept rows, and the fixed-shape device path accelerators run)."""
+    if backend == "triton" and host_compact:
+        pytest.skip("Triton runs on CUDA, where the device path runs (the interpreter is slow: test that one)")
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", host_compact)
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, backend=backend)
+    torch.manual_seed(5)
+    randomize_routers(model, std=4.0)
+    ids, mask = left_padded_prompts([9, 5, 2], 5)
+    cached = greedy(model, ids, mask, use_cache=True)
+    if granularity == "token":
+        torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
+        return
+    for b in range(ids.shape[0]):
+        expect = reference_sequence_generation(model, ids[b][mask[b].bool()])
+        assert torch.equal(cached[b, ids.shape[1] :], expect), f"sequence {b}"
+
+
+def test_fixed_pool_decodes_without_reading_the_device_and_skips_take_no_slot():
+    """A pool sized up front (num_blocks): decode steps never read lengths back; skipped tokens take no slot,
+    so the stored rows are exactly the kept ones; a pool too small for the kept rows raises."""
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 1, 2])
+    randomize_routers(model)
+    ids, mask = left_padded_prompts([12, 9, 5])
+    cache = run_cache(model, ids, mask, cache=new_cache(model, block_size=4, num_blocks=40, max_length=64))
+    for i in (0, 1, 2):
+        layer = cache.layers[i]
+        assert layer.pool.syncs == 0, "a fixed pool with reserved tables needs no host read"
+        kept = layer.lengths.tolist()
+        assert layer.blocks_used == sum(math.ceil(n / 4) for n in kept)
+        assert sum(kept) < mask.sum() + 3 * 6
+    with pytest.raises(PoolFullError, match="num_blocks"):
+        run_cache(model, ids, mask, cache=new_cache(model, block_size=4, num_blocks=2))
+
+
+def run_cache(model, ids, mask, steps: int = 6, cache: MindSkipCache | None = None) -> MindSkipCache:
     """Prefill plus `steps` greedy decode steps through an explicit cache; returns the cache."""
-    cache = new_cache(model, block_size=4)
+    cache = new_cache(model, block_size=4) if cache is None else cache
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
@@ -150,3 +195,24 @@ def test_plain_dynamic_cache_refused():
     mk.apply_mindskip(model)
     with torch.no_grad(), pytest.raises(TypeError, match="MindSkipCache"):
         model(torch.randint(1, 97, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
+
+
+def test_static_unrouted_layers_decode_like_dynamic(monkeypatch):
+    """new_cache(static=True) (what a whole-step CUDA graph needs: static unrouted layers, a fixed pool) decodes
+    exactly like the default cache, on the device path."""
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[1, 2])
+    randomize_routers(model)
+    ids = torch.randint(1, 97, (2, 7))
+    logits = []
+    for cache in (new_cache(model), new_cache(model, block_size=4, num_blocks=16, max_length=32, static=True)):
+        with torch.no_grad():
+            out = model(ids, cache=cache, use_cache=True)
+            steps = [out.logits[:, -1]]
+            for t in range(5):
+                nxt = steps[-1].argmax(-1, keepdim=True)
+                out = model(nxt, cache=cache, use_cache=True, position_ids=torch.full((2, 1), 7 + t))
+                steps.append(out.logits[:, -1])
+        logits.append(torch.stack(steps))
+    torch.testing.assert_close(logits[1], logits[0])

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import mindskip_kernels as mk
-from mindskip_kernels.integrations.hf import keep_rates, mindskip_layers
+from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
 
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -68,9 +68,10 @@ def test_threshold_zero_is_dense(arch):
     with torch.no_grad():
         dense = model(ids).logits
         mk.apply_mindskip(model, threshold=0.0, backend="reference")
-        out = model(ids).logits
+        with record_routing(model) as rec:
+            out = model(ids).logits
     assert set(mindskip_layers(model)) == {1, 2}, "paper choice for 4 layers: the 2 before the final one"
-    assert keep_rates(model) == {1: 1.0, 2: 1.0}
+    assert rec.keep_rates() == {1: 1.0, 2: 1.0}
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-5)
 
 
@@ -84,9 +85,10 @@ def test_skip_everything_removes_attention(arch):
                                                                                  None)
     with torch.no_grad():
         mk.apply_mindskip(model, threshold=1.0)  # zero routers score 0.5 < 1: nothing kept
-        out = model(ids).logits
+        with record_routing(model) as rec:
+            out = model(ids).logits
         expect = removed(ids).logits
-    assert keep_rates(model) == {1: 0.0, 2: 0.0}
+    assert rec.keep_rates() == {1: 0.0, 2: 0.0}
     torch.testing.assert_close(out, expect, atol=1e-6, rtol=1e-6)
 
 
@@ -99,9 +101,9 @@ def test_mixed_routing_matches_independent_recompute(arch, granularity):
     mk.apply_mindskip(model, layers=[0, 2], granularity=granularity)
     randomize_routers(model)
     routed = {i: layer.router.weight.detach() for i, layer in mindskip_layers(model).items()}
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model) as rec:
         out = model(ids).logits
-        rates = keep_rates(model)
+        rates = rec.keep_rates()
         for b in range(ids.shape[0]):
             expect = recompute_one(dense, routed, ids[b : b + 1], 0.5, granularity)
             torch.testing.assert_close(out[b : b + 1], expect, atol=2e-5, rtol=1e-5)
@@ -138,9 +140,10 @@ def test_router_gets_straight_through_gradient(granularity):
         p.requires_grad_(".router." in name)
     model.train()
     ids = torch.randint(0, 97, (3, 15))
-    out = model(ids, labels=ids)
+    with record_routing(model) as rec:
+        out = model(ids, labels=ids)
     layers = mindskip_layers(model)
-    sparsity = sum(layer.mindskip.last_keep_rate for layer in layers.values())
+    sparsity = rec.training_keep_rates().sum()
     (out.loss + 0.01 * sparsity).backward()
     for i, layer in layers.items():
         g = layer.router.weight.grad
@@ -305,13 +308,16 @@ def test_fused_norm_equals_the_models_own_norm(arch, granularity):
     for layer in mindskip_layers(unfused).values():
         layer.mindskip.fuse_norm = False
     ids, mask = _padded_batch([torch.randint(0, 97, (n,)) for n in (13, 6, 9)], 13)
+    outs, plans, recs = [], [], []
     with torch.no_grad():
-        outs = [m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True) for m in (model, unfused)]
-        plans = [{i: layer.mindskip.last_plan.keep for i, layer in mindskip_layers(m).items()}
-                 for m in (model, unfused)]
+        for m in (model, unfused):
+            with record_routing(m) as rec:
+                outs.append(m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True))
+            plans.append([e.keep for e in rec.entries])
+            recs.append(rec)
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    assert all(torch.equal(plans[0][i], plans[1][i]) for i in plans[0])
-    assert any(0 < r < 1 for r in keep_rates(model).values()) or granularity == "sequence"
+    assert len(plans[0]) == len(plans[1]) and all(torch.equal(a, b) for a, b in zip(*plans, strict=True))
+    assert any(0 < r < 1 for r in recs[0].keep_rates().values()) or granularity == "sequence"

@@ -18,11 +18,9 @@ SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64)]  # (B, N, D): N = 1, 97, 1025; 
 PATTERNS = ["random", "all", "none", "empty_seq"]
 
 
-def _plan(keep: torch.Tensor, scores_like: torch.Tensor | None = None) -> mk.RoutingPlan:
+def _plan(keep: torch.Tensor) -> mk.RoutingPlan:
     """A plan for given keep flags, built by the reference so kernels are compared on identical routing."""
-    z = torch.randn(*keep.shape, 4, dtype=torch.float64)
-    w = torch.zeros(4, dtype=torch.float64)
-    return mk.route(z, w, threshold=0.5, attention_mask=keep.long(), backend="reference")
+    return mk.RoutingPlan.from_keep(keep, backend="reference")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

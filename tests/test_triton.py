@@ -57,8 +57,7 @@ def _check_grads(fn_for, inputs: list[torch.Tensor], grad_out: torch.Tensor, dty
 
 
 def _plan(keep: torch.Tensor) -> mk.RoutingPlan:
-    z = torch.randn(*keep.shape, 4, dtype=torch.float64)
-    return mk.route(z, torch.zeros(4, dtype=torch.float64), attention_mask=keep.long(), backend="reference")
+    return mk.RoutingPlan.from_keep(keep, backend="reference")
 
 
 # --- fused router and gather + norm ---------------------------------------------------------------
@@ -210,7 +209,8 @@ def test_custom_op_compiles_fullgraph():
 def _kernel_names() -> set[str]:
     """Every Triton kernel defined by the backend (names `_*_kernel`)."""
     modules = [importlib.import_module(f"mindskip_kernels.backends.triton.{name}") for name in
-               ("attention_bwd", "attention_fwd", "compaction", "decode", "gather_scatter", "router_kernels")]
+               ("attention_bwd", "attention_fwd", "compaction", "decode", "gather_scatter", "predicated_linear",
+                "router_kernels")]
     return {f"{m.__name__}.{name}" for m in modules for name in vars(m) if name.endswith("_kernel")}
 
 
@@ -239,6 +239,12 @@ def _run_every_kernel() -> None:
     tri.keep_masked_attention(qb, kvb, kvb, random_keep(b, n, "random"), 0.1).sum().backward()
     cache = torch.randn(2, 5, 2, 128).to(dt)
     tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), None, 0.1)
+    table = torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)  # the paged variants
+    tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), table, 0.1)
+    tri.paged_varlen_attention(q[:4].detach(), cache, cache, torch.tensor([0, 3, 4]), torch.tensor([3, 5]), table, 3,
+                               True, 0.1)
+    for bias in (None, torch.randn(96).to(dt)):
+        tri.predicated_linear(x[:, 0], torch.randn(96, d).to(dt), bias, torch.tensor([True, False]))
 
 
 def test_kernels_build_for_sm90(tmp_path):

@@ -5,7 +5,11 @@
 // each K/V row is loaded once for the whole group. Its kWarps warps stride over the chunk's keys with
 // an online softmax per query head (lane l holds elements l, l+32, ... of the head dim), merge in shared
 // memory and write (max, sum, unnormalised output) partials; a second kernel merges the splits. The
-// split count depends only on shapes (cache capacity, batch, heads), never on cache_seqlens: no host sync.
+// split count depends only on shapes (cache capacity, batch, heads), never on cache_seqlens: no host sync,
+// so a decode step can be captured in a CUDA graph. The cache is dense [B, S, Hkv, Dh] or a paged pool
+// [num_blocks, block_size, Hkv, Dh] read through an int32 block table (vLLM / flash-attention layout): the
+// same kernel, rows addressed through `Paging` (a dense cache is the identity table). A sequence of length 0
+// (a skipped row of a routed decode step) reads no K/V and gets zeros.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,15 +28,15 @@ constexpr int kHeads = 4;       // query heads per block (a GQA group is split a
 constexpr int kMinChunk = 64;   // keys per split at least
 
 struct CacheLayout {
-  int64_t b, s, h;  // element strides of [B, S, Hkv, Dh] (last dim contiguous)
+  int64_t b, s, h;  // element strides of [B or num_blocks, S or block_size, Hkv, Dh] (last dim contiguous)
 };
 
 // Partials: part[((b * hq + head) * splits + split) * (dh + 2) + {0: max, 1: sum, 2..: output}].
 template <typename T, int PER_LANE>
 __global__ void __launch_bounds__(kWarps * kWarp)
 decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, CacheLayout kl,
-                    CacheLayout vl, const int64_t* __restrict__ lens, int64_t cap, int hq, int hkv, int dh,
-                    int64_t chunk, float scale, float* __restrict__ part) {
+                    CacheLayout vl, Paging paging, const int64_t* __restrict__ lens, int64_t cap, int hq, int hkv,
+                    int dh, int64_t chunk, float scale, float* __restrict__ part) {
   __shared__ float s_max[kWarps][kHeads], s_sum[kWarps][kHeads];
   __shared__ float s_acc[kWarps][kHeads][kMaxHeadDim];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -57,8 +61,8 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
   }
   for (int64_t s = s0 + warp; s < s1; s += kWarps) {
-    const T* krow = k + b * kl.b + s * kl.s + kvh * kl.h;
-    const T* vrow = v + b * vl.b + s * vl.s + kvh * vl.h;
+    const T* krow = k + paging.row_offset(b, s, kl.b, kl.s) + kvh * kl.h;
+    const T* vrow = v + paging.row_offset(b, s, vl.b, vl.s) + kvh * vl.h;
     float kr[PER_LANE], vr[PER_LANE];
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
@@ -130,13 +134,17 @@ __global__ void decode_merge_kernel(const float* __restrict__ part, int splits, 
 }
 
 void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
-                      double softmax_scale, Tensor& out) {
-  check_decode_attention(q, k_cache, v_cache, cache_seqlens, out);
+                      const std::optional<Tensor>& block_table, double softmax_scale, Tensor& out) {
+  check_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, out);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t batch = q.size(0), hq = q.size(1), dh = q.size(2), cap = k_cache.size(1), hkv = k_cache.size(2);
+  const int64_t batch = q.size(0), hq = q.size(1), dh = q.size(2), hkv = k_cache.size(2);
   if (out.numel() == 0) return;
   const Tensor qc = q.contiguous();
   const Tensor lens = cache_seqlens.to(at::kLong).contiguous();  // on the device: no sync
+  const Tensor table = block_table ? block_table->contiguous() : Tensor();
+  const std::pair<Paging, int64_t> layout = make_paging(k_cache, table);  // shapes only
+  const Paging paging = layout.first;
+  const int64_t cap = layout.second;
   const int64_t head_blocks = ceil_div<int64_t>(hq / hkv, kHeads);
   TORCH_CHECK_VALUE(batch <= 65535 && hkv * head_blocks <= 65535,
                     "mindskip.decode_attention: batch and heads must be at most 65535 blocks, got batch ", batch);
@@ -145,7 +153,7 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   const int64_t base = batch * hkv * head_blocks;
   const int64_t splits = std::clamp<int64_t>(ceil_div<int64_t>(2 * sms, base), 1,
                                              std::max<int64_t>(1, ceil_div<int64_t>(cap, kMinChunk)));
-  const int64_t chunk = std::max<int64_t>(1, ceil_div<int64_t>(cap, splits));
+  const int64_t chunk = std::max<int64_t>(1, ceil_div<int64_t>(std::max<int64_t>(cap, 1), splits));
   Tensor part = at::empty({batch, hq, splits, dh + 2}, q.options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(hkv * head_blocks),
@@ -156,8 +164,8 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     auto launch = [&](auto kernel) {
       kernel<<<grid, kWarps * kWarp, 0, stream>>>(
           qc.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(), kl,
-          vl, lens.const_data_ptr<int64_t>(), cap, static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(dh),
-          chunk, static_cast<float>(softmax_scale), part.mutable_data_ptr<float>());
+          vl, paging, lens.const_data_ptr<int64_t>(), cap, static_cast<int>(hq), static_cast<int>(hkv),
+          static_cast<int>(dh), chunk, static_cast<float>(softmax_scale), part.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (dh <= 32) {

@@ -20,7 +20,8 @@ the modules in tests/test_hardening.py):
 | scatter_add            | any, backward  | CPU, CUDA             | CUDA, backward         |
 | varlen_attention       | any, backward  | CPU                   | CUDA, backward         |
 | decode_attention       | any, backward  | CPU, CUDA             | CUDA                   |
-| paged_decode_attention | any, backward  | -                     | -                      |
+| paged_decode_attention | any, backward  | CPU, CUDA             | CUDA                   |
+| paged_varlen_attention | any, backward  | CPU                   | CUDA                   |
 | keep_masked_attention  | any, backward  | -                     | CUDA, backward         |
 
 dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
@@ -55,7 +56,10 @@ CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
     "varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False), "triton": (("cuda",), True)},
     "decode_attention": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
                          "triton": (("cuda",), False)},
-    "paged_decode_attention": {"reference": (("any",), True)},
+    "paged_decode_attention": {"reference": (("any",), True), "compiled": (("cpu", "cuda"), False),
+                               "triton": (("cuda",), False)},
+    "paged_varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False),
+                               "triton": (("cuda",), False)},
     "keep_masked_attention": {"reference": (("any",), True), "triton": (("cuda",), True)},
 }
 

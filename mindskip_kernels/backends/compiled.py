@@ -8,7 +8,6 @@ argument), so calling torch.ops.mindskip.* directly is safe.
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -32,10 +31,12 @@ KERNELS = {
     "gather_norm": "gather_norm",
     "scatter_add": "scatter_add",
     "decode_attention": "decode_attention",
+    "paged_decode_attention": "decode_attention",
     "varlen_attention": "varlen_attention",
+    "paged_varlen_attention": "paged_varlen_attention",
 }
 ALL_OPS = ("router", "compact_counts", "compact", "gather", "gather_norm", "scatter_add", "decode_attention",
-           "varlen_attention")
+           "varlen_attention", "paged_varlen_attention")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_FREE = ("compact", "gather")  # index work and byte copies: any dtype
 
@@ -44,8 +45,8 @@ def _no_output(*args: object) -> None:
     """Fake (meta) implementation: every op only writes its out arguments, whose shapes the caller chose."""
 
 
-@functools.cache
-def _load() -> tuple[ModuleType | None, str]:
+def _import() -> tuple[ModuleType | None, str]:
+    """Import _C once (at module import, bottom of this file) and register the fakes of its ops."""
     try:
         from mindskip_kernels import _C
     except ImportError as err:  # not built, or built against another torch
@@ -57,22 +58,20 @@ def _load() -> tuple[ModuleType | None, str]:
 
 def load() -> ModuleType:
     """The extension module, or a RuntimeError that says how to build it."""
-    ext, err = _load()
-    if ext is None:
-        raise RuntimeError(NOT_BUILT.format(err=err))
-    return ext
+    if _EXT is None:
+        raise RuntimeError(NOT_BUILT.format(err=_ERR))
+    return _EXT
 
 
 def available() -> bool:
-    return _load()[0] is not None
+    return _EXT is not None
 
 
 def build_info() -> dict:
     """How _C was built ({'cuda': bool, 'cuda_archs': str, ...}), or {'built': False, 'error': ...}."""
-    ext, err = _load()
-    if ext is None:
-        return {"built": False, "error": err}
-    return {"built": True, **ext.build_info()}
+    if _EXT is None:
+        return {"built": False, "error": _ERR}
+    return {"built": True, **_EXT.build_info()}
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -85,11 +84,17 @@ def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
     return _registered(KERNELS[op], device.type)
 
 
-@functools.cache
+_REGISTERED: dict[tuple[str, str], bool] = {}
+
+
 def _registered(kernel: str, device_type: str) -> bool:
-    """Whether torch.ops.mindskip.<kernel> has an implementation for the device type (asked once: hot path)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mindskip::{kernel}", key)
+    """Whether torch.ops.mindskip.<kernel> has an implementation for the device type. Asked once, then a dict
+    lookup (hot path), which torch.compile traces without a graph break (a functools cache it cannot)."""
+    if (kernel, device_type) not in _REGISTERED:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _REGISTERED[kernel, device_type] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"mindskip::{kernel}", key)
+    return _REGISTERED[kernel, device_type]
 
 
 def router(z: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, threshold: float,
@@ -150,8 +155,9 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
                      softmax_scale: float) -> torch.Tensor:
+    """Dense caches, or paged pools read through `block_table` in place (no copy of cached K/V)."""
     out = empty(q.shape, q.dtype, q.device)
-    torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, out)
+    torch.ops.mindskip.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, out)
     return out
 
 
@@ -164,4 +170,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
-_load()  # registers torch.ops.mindskip.* (when built) so the wrappers above work on import
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """CPU only. Keys read from the pools through the block table; max_seqlen_q is unused."""
+    out = empty(q.shape, q.dtype, q.device)
+    torch.ops.mindskip.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, causal,
+                                              softmax_scale, out)
+    return out
+
+
+# registers torch.ops.mindskip.* (when built) so the wrappers above work on import; load()/available() read
+# these globals, so torch.compile traces them
+_EXT, _ERR = _import()

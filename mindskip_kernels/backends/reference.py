@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 NAME = "reference"
 OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
-       "decode_attention", "paged_decode_attention", "keep_masked_attention")
+       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention")
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -145,6 +145,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     logits = logits.masked_fill(~valid.view(batch, 1, 1, k_cache.shape[1]), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
     return torch.einsum("bhgs,bshd->bhgd", probs, v).reshape(batch, hq, dh).to(q.dtype)
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """`varlen_attention` with sequence b's keys = rows 0..cache_seqlens[b]-1 of the paged pools (lengths
+    clamped to the table's capacity), gathered by selection so other pool rows never enter (tests only: one
+    host read of the total)."""
+    bs = k_cache.shape[1]
+    width = block_table.shape[1] * bs if k_cache.shape[0] else 0
+    lens = cache_seqlens.long().clamp(0, width)
+    cu_k = F.pad(lens.cumsum(0), (1, 0))
+    rows = torch.arange(int(cu_k[-1]), device=q.device)
+    seq = torch.searchsorted(cu_k[1:], rows, right=True)
+    s = rows - cu_k.index_select(0, seq)
+    block = block_table.long()[seq, s // bs].clamp(0, max(k_cache.shape[0] - 1, 0))
+    k, v = (pool[block, s % bs] for pool in (k_cache, v_cache))
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_k.to(torch.int32), max_seqlen_q, width, causal, softmax_scale)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,

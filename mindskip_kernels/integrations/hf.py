@@ -22,9 +22,10 @@ from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels.attention import apply_rope, packed_attention, routed_update
+from mindskip_kernels.backends import resolve
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.ops import keep_masked_attention
-from mindskip_kernels.routing import RoutingPlan, route
+from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # Router-Tuning's training forward (design.md s.1): "every_token" computes attention for every token, each query
@@ -37,11 +38,12 @@ META_FILE = "mindskip.json"
 
 @dataclass
 class RoutingEntry:
-    """One routed layer's decision in one forward: scores [B, N] fp32, keep [B, N] bool, real [B, N] bool (not
-    padding), and in training the keep rate over real tokens as a tensor carrying the straight-through gradient."""
+    """One routed layer's decision in one forward: scores [B, N] fp32 (None where a stored sequence decision
+    was reused), keep [B, N] bool, real [B, N] bool (not padding), and in training the keep rate over real
+    tokens as a tensor carrying the straight-through gradient."""
 
     layer_idx: int
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     keep: torch.Tensor
     real: torch.Tensor
     keep_rate: torch.Tensor | None
@@ -64,9 +66,9 @@ class RoutingRecord:
 
     def real_scores(self) -> torch.Tensor:
         """Router scores of every (routed layer, real token) pair recorded, flattened, fp32."""
-        if not self.entries:
+        if not any(e.scores is not None for e in self.entries):
             return torch.zeros(0)
-        return torch.cat([e.scores.detach()[e.real].float().cpu() for e in self.entries])
+        return torch.cat([e.scores.detach()[e.real].float().cpu() for e in self.entries if e.scores is not None])
 
     def training_keep_rates(self) -> torch.Tensor:
         """Stacked differentiable keep rates of the recorded training forwards (for sparsity losses)."""
@@ -87,7 +89,7 @@ class ModelState:
 
 @dataclass
 class LayerState:
-    """Per-layer MindSkip settings and the last forward's routing (for keep-rate losses and statistics)."""
+    """Per-layer MindSkip settings (what a forward decided is collected by `record_routing`)."""
 
     layer_idx: int
     threshold: float
@@ -97,17 +99,6 @@ class LayerState:
     rule: str = "every_token"  # the training forward (RULES); inference is the same for every rule
     sink_tokens: int = 0  # token granularity: the first n real tokens of a sequence are always kept
     fuse_norm: bool = True  # inference: input_layernorm (RMSNorm) fused into the router and the gather
-    last_plan: RoutingPlan | None = field(default=None, repr=False)
-    last_mask: torch.Tensor | None = field(default=None, repr=False)  # the padding mask of that forward
-    last_keep_rate: torch.Tensor | None = field(default=None, repr=False)  # training: carries the STE gradient
-
-    def keep_rate(self) -> float | None:
-        """Fraction of real tokens whose attention ran in the last forward (None before any forward)."""
-        if self.last_plan is None:
-            return None
-        keep = self.last_plan.keep
-        real = keep.numel() if self.last_mask is None else int((self.last_mask != 0).sum())
-        return int(keep.sum()) / max(real, 1)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -146,11 +137,17 @@ def mindskip_layers(model: nn.Module) -> dict[int, nn.Module]:
     return {i: layer for i, layer in enumerate(_base_model(model).layers) if hasattr(layer, "mindskip")}
 
 
-def new_cache(model: nn.Module, block_size: int | None = None) -> MindSkipCache:
-    """An empty MindSkipCache for a patched model (what generate and use_cache=True create)."""
+def new_cache(model: nn.Module, block_size: int | None = None, *, num_blocks: int | None = None,
+              max_bytes: int | None = None, max_length: int | None = None, static: bool = False) -> MindSkipCache:
+    """An empty MindSkipCache for a patched model (what generate and use_cache=True create). num_blocks (per
+    routed layer) or max_bytes (all routed layers) fix the K/V pools' size (no reallocation: CUDA graphs);
+    max_length sizes the block tables ahead (generate passes its maximum length); static makes the unrouted
+    layers static (capacity max_length), so a whole decode step can be captured in a CUDA graph."""
     base = _base_model(model)
     kwargs = {} if block_size is None else {"block_size": block_size}
-    return MindSkipCache(base.config, sorted(mindskip_layers(base)), **kwargs)
+    return MindSkipCache(base.config, sorted(mindskip_layers(base)), num_blocks=num_blocks, max_bytes=max_bytes,
+                         max_length=max_length, dtype=base.layers[0].input_layernorm.weight.dtype, static=static,
+                         **kwargs)
 
 
 def _base_forward_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -175,28 +172,42 @@ def _prepare_cache_for_generation(self: nn.Module, generation_config, model_kwar
                                   "per-sequence K/V): use greedy decoding or sampling")
     if (generation_config.use_cache is not False and model_kwargs.get("cache") is None
             and generation_config.cache_implementation in (None, "dynamic")):
-        model_kwargs["cache"] = new_cache(self)
+        model_kwargs["cache"] = new_cache(self, max_length=generation_config.max_length)
         return None
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
 
+def _rope_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor | None, head_dim: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's cos/sin [1 or B, N, Dh] as rows [T, Dh] at flat token indices `idx` (None: every row, N = 1),
+    without materialising a [B, N, Dh] copy."""
+    rows = (c.reshape(-1, head_dim) for c in position_embeddings)
+    return tuple((r if idx is None else r.index_select(0, idx)).to(dtype) for r in rows)
+
+
+def _qkv(attn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v [T, H, Dh] of rows z [T, D] through a transformers attention module (Qwen3's q/k norms too)."""
+    q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
 def _attend_fn(attn: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor], backend: str,
                cache: RoutedKVLayer | None):
-    """attend(packed_z, plan) for a transformers attention module (q/k/v/o projections, optional q/k norms),
-    with RoPE from the model's own cos/sin at the kept tokens' original positions, and the layer's cache."""
-    head_dim = attn.head_dim
-    cos, sin = position_embeddings
+    """attend(packed_z, plan) for a transformers attention module, with RoPE from the model's own cos/sin at
+    the kept tokens' original positions: varlen attention among the kept tokens, or with a `cache`, appended
+    to it and attended over each sequence's cached kept tokens (paged, read in place)."""
+    cos = position_embeddings[0]
 
     def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        q, k, v = (proj(zp).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        # cos/sin are [1 or B, N, Dh]; pick each kept token's row without materialising a [B, N, Dh] copy
+        q, k, v = _qkv(attn, zp)
         idx = plan.indices % plan.seq_len if cos.shape[0] == 1 else plan.indices
-        rows = [c.reshape(-1, head_dim).index_select(0, idx) for c in (cos, sin)]
-        out = packed_attention(q, k, v, rows[0].to(q.dtype), rows[1].to(q.dtype), plan, attn.scaling, backend,
-                               cache)
-        return attn.o_proj(out)
+        cos_rows, sin_rows = _rope_rows(position_embeddings, idx, attn.head_dim, q.dtype)
+        if cache is None:
+            return attn.o_proj(packed_attention(q, k, v, cos_rows, sin_rows, plan, attn.scaling, backend))
+        q, k = apply_rope(q, cos_rows, sin_rows), apply_rope(k, cos_rows, sin_rows)
+        return attn.o_proj(cache.attend_prefill(q, k, v, plan, attn.scaling, backend).flatten(1))
 
     return attend
 
@@ -225,9 +236,7 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
     z = layer.input_layernorm(x)
     plan = route(z, layer.router.weight, threshold=st.threshold, granularity=st.granularity, attention_mask=pad,
                  force_keep=sinks, backend=st.backend)
-    q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    if hasattr(attn, "q_norm"):  # Qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = _qkv(attn, z)
     cos, sin = (c.to(q.dtype) for c in position_embeddings)  # [1 or B, N, Dh]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, Dh]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -239,14 +248,92 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
     return x + gate.unsqueeze(-1).to(out.dtype) * out, plan, keep_rate
 
 
+# On the CPU a host read of the keep flags is free (no device queue to drain), so a decode step projects and
+# attends only its kept rows there (a skipped row costs no q/k/v/o projection). Accelerators take the
+# fixed-shape device path, which CUDA graphs can capture; tests set this False to run that path on the CPU.
+HOST_COMPACT_ON_CPU = True
+
+
+def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.Tensor, real: torch.Tensor | None,
+                        sinks: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                        layer_cache: RoutedKVLayer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One new token per sequence. The device path has fixed shapes and no host read: every row goes through
+    with a device keep flag [B] (the router's, or the stored sequence decision), kept rows append K/V and
+    attend over their paged cache, skipped rows take no slot, read no cache, and stay bit-identical (the add
+    is predicated on the flag). Returns (out, router scores [B, 1] or None for a stored decision, keep [B])."""
+    st: LayerState = self.mindskip
+    batch = hidden_states.shape[0]
+    scores = None
+    if layer_cache.decision is not None:  # sequence granularity: the prefill decision, on the device
+        keep = layer_cache.decision
+    else:
+        mask = torch.ones(batch, 1, dtype=torch.bool, device=z.device) if real is None else real
+        router = resolve(st.backend, "router", z.device, z.dtype)
+        scores, keep = router.router(z, self.router.weight, mask, st.threshold, st.granularity)
+        keep = keep[:, 0] if sinks is None else keep[:, 0] | sinks[:, 0]
+        if st.granularity == "sequence":
+            layer_cache.decision = keep
+    if real is not None:
+        keep = keep & real[:, 0]
+    rows = keep.nonzero()[:, 0] if HOST_COMPACT_ON_CPU and keep.device.type == "cpu" else None
+    if rows is not None and rows.numel() == 0:
+        return hidden_states, scores, keep  # nothing kept: no projection, no cache access
+    attn = self.self_attn
+    q, k, v = _qkv(attn, z[:, 0] if rows is None else z[:, 0].index_select(0, rows))
+    cos, sin = _rope_rows(position_embeddings, None, attn.head_dim, q.dtype)
+    if rows is not None and cos.shape[0] > 1:
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attn.o_proj(layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1))
+    out = out.to(hidden_states.dtype)
+    if rows is not None:  # residual + attention on the kept rows (the rounding of the device path's add)
+        return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states), scores, keep
+    return torch.where(keep.view(batch, 1, 1), hidden_states + out.unsqueeze(1), hidden_states), scores, keep
+
+
+def _cached_attention(self: nn.Module, hidden_states: torch.Tensor, pad: torch.Tensor | None,
+                      position_ids: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                      layer_cache: RoutedKVLayer, sinks: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The routed attention sub-block with a MindSkipCache (inference): decode steps take the fixed-shape
+    device path; prefill routes (one host read of T) and attends through the paged cache. Sequence
+    granularity stores the prefill decision and reuses it for every later token. Returns (out, scores [B, N]
+    or None where a stored decision was reused, keep [B, N])."""
+    st: LayerState = self.mindskip
+    seq_len = hidden_states.shape[1]
+    real = None if pad is None else pad != 0
+    ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
+    norm = (ln.weight, ln.variance_epsilon) if st.fuse_norm else None
+    x = hidden_states if st.fuse_norm else ln(hidden_states)
+    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+    if seq_len == 1:
+        out, scores, keep = _cached_decode_step(self, hidden_states, ln(hidden_states), real, sinks,
+                                                position_embeddings, layer_cache)
+        keep = keep.unsqueeze(1)
+    elif layer_cache.decision is not None:  # a later chunk of a sequence-granularity prefill: reuse the decision
+        keep = layer_cache.decision.unsqueeze(1).expand(-1, seq_len)
+        plan = RoutingPlan.from_keep(keep if real is None else keep & real, position_ids, backend=st.backend)
+        values = attend(gather(x, plan, norm=norm, backend=st.backend), plan)
+        out = scatter_add(hidden_states, values.to(hidden_states.dtype), plan, backend=st.backend)
+        scores, keep = None, plan.keep
+    else:
+        out, plan, _ = routed_update(x, self.router.weight, attend, residual=hidden_states, threshold=st.threshold,
+                                     granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+                                     norm=norm, force_keep=sinks, training=False, backend=st.backend)
+        if st.granularity == "sequence":
+            layer_cache.decision = plan.keep.any(1)
+        scores, keep = plan.scores, plan.keep
+    layer_cache.seen += seq_len
+    return out, scores, keep
+
+
 def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                             position_ids=None, cache=None, use_cache=False, position_embeddings=None,
                             **kwargs) -> torch.Tensor:
     """Decoder layer forward with the attention sub-block routed; the MLP runs for every token.
 
-    With a MindSkipCache (inference), kept tokens' K/V are appended to the layer's paged cache and attend
-    over their sequence's cached kept tokens; for sequence granularity the prefill decision is reused for
-    every later step. In training the cache is not used (gradients flow through freshly computed K/V)."""
+    With a MindSkipCache (inference) the attention sub-block goes through `_cached_attention`. In training
+    the cache is not used (gradients flow through freshly computed K/V)."""
     st: LayerState = self.mindskip
     layer_cache = None
     if cache is not None and not self.training:
@@ -265,30 +352,26 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
             raise ValueError(f"attention_mask must have shape [{batch}, >= {seq_len}] (batch and length of the "
                              f"hidden states), got {tuple(pad.shape)}")
         pad = pad[:, -seq_len:]
-    threshold, route_mask = st.threshold, pad
-    decided = layer_cache.decision if layer_cache is not None else None
-    if decided is not None:  # sequence granularity, after prefill: keep exactly the decided sequences
-        real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device) if pad is None else pad != 0
-        threshold, route_mask = 0.0, real & decided.unsqueeze(1)  # threshold 0: every unmasked token kept
     sinks = _sink_flags(st, batch, seq_len, layer_cache.seen if layer_cache is not None else 0, hidden_states.device)
-    if self.training and st.rule == "every_token":
+    keep_rate = None
+    if layer_cache is not None:
+        hidden_states, scores, keep = _cached_attention(self, hidden_states, pad, position_ids, position_embeddings,
+                                                        layer_cache, sinks)
+    elif self.training and st.rule == "every_token":
         hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st, sinks)
+        scores, keep = plan.scores, plan.keep
     else:
-        attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
+        attend = _attend_fn(self.self_attn, position_embeddings, st.backend, None)
         ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
         hidden_states, plan, keep_rate = routed_update(
             hidden_states if st.fuse_norm else ln(hidden_states), self.router.weight, attend, residual=hidden_states,
-            norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=threshold,
-            granularity=st.granularity, attention_mask=route_mask, position_ids=position_ids, force_keep=sinks,
+            norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=st.threshold,
+            granularity=st.granularity, attention_mask=pad, position_ids=position_ids, force_keep=sinks,
             training=self.training, backend=st.backend)
-    if layer_cache is not None:
-        layer_cache.seen += seq_len
-        if st.granularity == "sequence" and decided is None:
-            layer_cache.decision = plan.keep.any(1)
-    st.last_plan, st.last_mask, st.last_keep_rate = plan, pad, keep_rate
+        scores, keep = plan.scores, plan.keep
     if st.model_state.records:
-        real = torch.ones_like(plan.keep) if pad is None else pad != 0
-        entry = RoutingEntry(st.layer_idx, plan.scores, plan.keep, real, keep_rate)
+        real = torch.ones_like(keep) if pad is None else pad != 0
+        entry = RoutingEntry(st.layer_idx, scores, keep, real, keep_rate)
         for record in st.model_state.records:
             record.entries.append(entry)
     residual = hidden_states
@@ -362,12 +445,6 @@ def set_thresholds(model: nn.Module, threshold: float | dict[int, float]) -> Non
     checked = {i: check.threshold(t) for i, t in values.items()}
     for i, t in checked.items():
         layers[i].mindskip.threshold = t
-
-
-def keep_rates(model: nn.Module) -> dict[int, float]:
-    """Fraction of real tokens whose attention ran in each routed layer, in the last forward."""
-    return {i: layer.mindskip.keep_rate() for i, layer in mindskip_layers(model).items()
-            if layer.mindskip.last_plan is not None}
 
 
 def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:

@@ -50,9 +50,9 @@ def test_decode_attention_strided_cache():
     kc, vc = big[:, :512, :, 0], big[:, :512, :, 1]  # capacity slice of a larger buffer, K/V interleaved
     q = torch.randn(2, 16, 128, device=DEV, dtype=torch.bfloat16)
     lens = torch.tensor([511, 700], device=DEV)  # 700 > capacity: clamped like the reference
-    out = compiled.decode_attention(q, kc, vc, lens, 128**-0.5)
-    truth = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, 128**-0.5)
-    assert_within_rule(out, reference.decode_attention(q, kc, vc, lens, 128**-0.5), truth)
+    out = compiled.decode_attention(q, kc, vc, lens, None, 128**-0.5)
+    truth = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, None, 128**-0.5)
+    assert_within_rule(out, reference.decode_attention(q, kc, vc, lens, None, 128**-0.5), truth)
 
 
 def test_cuda_matches_cpu_kernels():
@@ -98,7 +98,7 @@ def test_host_syncs():
         "gather_norm": lambda: compiled.gather_norm(x2d, w, 1e-6, idx),
         "router_from_hidden": lambda: compiled.router_from_hidden(z, w, 1e-6, w, mask, 0.5, "sequence"),
         "scatter_add": lambda: compiled.scatter_add(x2d, values, idx, scale),
-        "decode_attention": lambda: compiled.decode_attention(q, kc, kc, lens, 0.125),
+        "decode_attention": lambda: compiled.decode_attention(q, kc, kc, lens, None, 0.125),
     }
     for name, fn in calls.items():
         assert count_syncs(fn) == 0, f"{name} synchronised with the host"

@@ -88,9 +88,8 @@ def test_gather_scatter_exact(backend, dtype, shape, pattern):
         out = mod.scatter_add(residual, values, idx, s)
         assert torch.equal(out, reference.scatter_add(residual, values, idx, s)), f"scatter_add (scale={s is not None})"
     assert torch.equal(residual, before), "residual must not be modified"
-    # the same through the public API, with a plan as route() makes it
-    plan = mk.route(torch.randn(b, n, 4, device=DEV), torch.zeros(4, device=DEV), threshold=0.0,
-                    attention_mask=keep.long(), backend="reference")
+    # the same through the public API, with a plan for these decisions
+    plan = mk.RoutingPlan.from_keep(keep, backend="reference")
     x3d = x.reshape(b, n, d)
     assert torch.equal(mk.gather(x3d, plan, backend=backend), x[plan.indices]), "mk.gather"
     for s in (None, scale):

@@ -125,7 +125,7 @@ def test_no_host_sync_on_hot_path():
         attn = tri.varlen_attention(q, kv, kv, cu, cu, n, n, True, dh**-0.5)
         out = tri.scatter_add(z.detach().reshape(-1, d), packed, indices, scores.reshape(-1)[indices])
         (out.float().sum() + attn.float().sum()).backward()
-        tri.decode_attention(q[:b].detach(), cache, cache, torch.full((b,), n, device=DEV), dh**-0.5)
+        tri.decode_attention(q[:b].detach(), cache, cache, torch.full((b,), n, device=DEV), None, dh**-0.5)
 
     assert count_syncs(hot_path) == 0
     assert count_syncs(lambda: tri.compact(keep, torch.arange(n, device=DEV).expand(b, n))) == 1

@@ -1,10 +1,11 @@
 """Triton backend: fused router, compaction, gather(+norm), scatter-add, varlen flash attention (forward and
-backward) and split-KV decode attention.
+backward), split-KV decode attention (dense or paged) and paged varlen attention (prefill with a cache).
 
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 Router, gather, scatter-add, varlen and keep-masked attention are differentiable; each kernel file ends with its
-custom ops (namespace `mindskip_triton`, fake implementations for torch.compile) and autograd.Function (decode's
-op is in `ops`). Compaction, decode attention, `router_from_hidden` and `gather_norm` are inference paths.
+custom ops (namespace `mindskip_triton`, fake implementations for torch.compile) and autograd.Function.
+Compaction, decode and paged attention, `router_from_hidden`, `gather_norm` and `predicated_linear` are
+inference paths.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from mindskip_kernels.backends.triton import attention_bwd, compaction, gather_scatter, ops, router_kernels
+from mindskip_kernels.backends.triton import attention_bwd, compaction, decode, gather_scatter, router_kernels
+from mindskip_kernels.backends.triton import predicated_linear as _predicated
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
 OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
-       "decode_attention", "keep_masked_attention")
+       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention")
 # ops with a backward, see backends.resolve(needs_grad=)
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,5 +86,21 @@ def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
-    """One query per sequence against its cache rows 0..cache_seqlens[b]-1 -> [B, Hq, Dh]."""
-    return ops.decode_op(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+    """One query per sequence against its cache rows 0..cache_seqlens[b]-1 (dense, or paged pools read in
+    place through `block_table`) -> [B, Hq, Dh]."""
+    return decode.decode_op(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale)
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
+                           softmax_scale: float) -> torch.Tensor:
+    """Packed queries against paged pools read through the block table (prefill with a cache) -> [Tq, Hq, Dh]."""
+    return decode.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
+                                  causal, softmax_scale)
+
+
+def predicated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      keep: torch.Tensor) -> torch.Tensor:
+    """x [B, K] @ weight[N, K]^T + bias on rows whose device flag keep [B] is set, zeros elsewhere (a skipped
+    row reads no weight: the projections of a skipped decode row at batch 1 cost a launch, no host branch)."""
+    return _predicated.predicated_linear_op(x, weight, bias, keep)

@@ -1,0 +1,263 @@
+"""Paged decode and paged varlen attention of every backend against the reference: K/V pools read in place
+through a block table (vLLM / flash-attention layout), ragged lengths, empty caches, block boundaries,
+shuffled tables, GQA, NaN-poisoned unused pool rows and table entries, zero batch, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mindskip_kernels as mk
+from mindskip_kernels.backends import resolve
+from mindskip_kernels.kv_pool import PagedKVPool, PoolFullError
+from mindskip_kernels.ops import paged_varlen_attention
+from tests.harness import assert_within_rule, backend_params
+
+BACKENDS = backend_params("cpu")
+LOW = [torch.float32, torch.float16, torch.bfloat16]
+GARBAGE_BLOCK = 10**6  # unused block-table entries: reading one would address far outside the pool
+
+
+def paged(dense_k: torch.Tensor, dense_v: torch.Tensor, lengths: list[int], block_size: int, spare: int = 3
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pools [num_blocks, block_size, Hkv, Dh] holding rows 0..lengths[b]-1 of the dense caches [B, S, Hkv, Dh]
+    in randomly shuffled blocks (plus `spare` unused ones); every other pool row is NaN and every unused table
+    entry is out of range, so a kernel that reads past a length fails."""
+    batch, _, hkv, dh = dense_k.shape
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + spare
+    order = torch.randperm(num_blocks).tolist()
+    pools = [torch.full((num_blocks, block_size, hkv, dh), float("nan"), dtype=dense_k.dtype) for _ in range(2)]
+    table = torch.full((batch, max(need, default=0) + 1), GARBAGE_BLOCK, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        for i in range(need[b]):
+            block = order.pop()
+            table[b, i] = block
+            rows = slice(i * block_size, min((i + 1) * block_size, n))
+            count = rows.stop - rows.start
+            pools[0][block, :count] = dense_k[b, rows]
+            pools[1][block, :count] = dense_v[b, rows]
+    return pools[0], pools[1], table
+
+
+DECODE_CASES = {  # lengths, block size, (Hq, Hkv), Dh
+    "ragged_bs16_gqa": ([0, 1, 15, 16, 17, 33, 100], 16, (8, 2), 64),
+    "boundaries_bs16": ([31, 32, 33, 48], 16, (4, 4), 40),
+    "block_size_1": ([0, 1, 2, 9], 1, (9, 3), 32),
+    "block_size_5_long": ([203, 7], 5, (6, 2), 80),
+    "all_empty": ([0, 0, 0], 16, (4, 2), 64),
+    "batch_1": ([300], 16, (2, 1), 128),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_paged_decode_matches_reference(backend, dtype, case):
+    lengths, block_size, (hq, hkv), dh = DECODE_CASES[case]
+    batch, cap = len(lengths), max(lengths) + 2
+    q = torch.randn(batch, hq, dh).to(dtype)
+    dense_k, dense_v = (torch.randn(batch, cap, hkv, dh).to(dtype) for _ in range(2))
+    for b, n in enumerate(lengths):  # rows past the length: poison in the dense form too
+        dense_k[b, n:] = float("nan")
+        dense_v[b, n:] = float("nan")
+    k_pool, v_pool, table = paged(dense_k, dense_v, lengths, block_size)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    out = mk.decode_attention(q, k_pool, v_pool, lens, block_table=table, backend=backend)
+    low = mk.decode_attention(q, k_pool, v_pool, lens, block_table=table, backend="reference")
+    truth = mk.decode_attention(q.double(), dense_k.double(), dense_v.double(), lens, backend="reference")
+    assert out.dtype == dtype and out.shape == (batch, hq, dh)
+    assert_within_rule(out, low, truth, "paged decode")
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])), "an empty cache must give zeros"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_fp64_and_int64_lengths(backend):
+    if backend == "triton":
+        pytest.skip("the Triton kernels are fp16/bf16/fp32")
+    lengths = [5, 0, 18]
+    dense_k, dense_v = (torch.randn(3, 20, 2, 16, dtype=torch.float64) for _ in range(2))
+    k_pool, v_pool, table = paged(dense_k, dense_v, lengths, 4)
+    q = torch.randn(3, 4, 16, dtype=torch.float64)
+    lens = torch.tensor(lengths)
+    out = mk.decode_attention(q, k_pool, v_pool, lens, block_table=table, softmax_scale=0.3, backend=backend)
+    truth = mk.decode_attention(q, dense_k, dense_v, lens, softmax_scale=0.3, backend="reference")
+    torch.testing.assert_close(out, truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_shared_blocks_and_strided_pool(backend):
+    """Two sequences may read the same block (prefix sharing); a pool may be a strided view."""
+    store = torch.randn(6, 8, 4, 2, 32)  # [blocks, block_size, 4 heads, (k, v), Dh]
+    k_pool, v_pool = store[:, :, :2, 0], store[:, :, :2, 1]  # strided views, last dim contiguous
+    table = torch.tensor([[3, 1, 5], [3, 0, GARBAGE_BLOCK]], dtype=torch.int32)
+    lens = torch.tensor([20, 9], dtype=torch.int32)
+    q = torch.randn(2, 4, 32)
+    out = mk.decode_attention(q, k_pool, v_pool, lens, block_table=table, backend=backend)
+    blocks = [[3, 1, 5], [3, 0, 0]]  # sequence 1 has 9 rows: its third block is never read
+    dense_k, dense_v = (torch.stack([pool[b].reshape(24, 2, 32) for b in blocks]) for pool in (k_pool, v_pool))
+    truth = mk.decode_attention(q.double(), dense_k.double(), dense_v.double(), lens, backend="reference")
+    assert_within_rule(out, mk.decode_attention(q, k_pool, v_pool, lens, block_table=table, backend="reference"),
+                       truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_zero_batch_and_empty_pool(backend):
+    q = torch.randn(0, 4, 16)
+    pool = torch.randn(3, 4, 2, 16)
+    out = mk.decode_attention(q, pool, pool, torch.zeros(0, dtype=torch.int32),
+                              block_table=torch.zeros(0, 2, dtype=torch.int32), backend=backend)
+    assert out.shape == (0, 4, 16)
+    empty_pool = torch.randn(0, 4, 2, 16)
+    q = torch.randn(2, 4, 16)
+    out = mk.decode_attention(q, empty_pool, empty_pool, torch.zeros(2, dtype=torch.int32),
+                              block_table=torch.zeros(2, 0, dtype=torch.int32), backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def _bad_decode_calls() -> dict:
+    q, pool, lens = torch.randn(2, 4, 16), torch.randn(5, 4, 2, 16), torch.tensor([3, 1])
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    return {
+        "table dtype": (dict(block_table=table.long()), (q, pool, pool, lens), TypeError, "block_table must have"),
+        "table rows": (dict(block_table=table[:1]), (q, pool, pool, lens), ValueError, "block_table must have shape"),
+        "table rank": (dict(block_table=table[0]), (q, pool, pool, lens), ValueError, "block_table must have 2"),
+        "block size 0": (dict(block_table=table), (q, pool[:, :0], pool[:, :0], lens), ValueError, "paged pool"),
+        "pool head dim": (dict(block_table=table), (q, pool[..., :8], pool[..., :8], lens), ValueError, "paged pool"),
+        "gqa": (dict(block_table=table), (torch.randn(2, 3, 16), pool, pool, lens), ValueError, "multiple of cache"),
+        "v shape": (dict(block_table=table), (q, pool, pool[:4], lens), ValueError, "same shape"),
+        "lens shape": (dict(block_table=table), (q, pool, pool, lens[:1]), ValueError, "cache_seqlens must have"),
+        "pool dtype": (dict(block_table=table), (q, pool.half(), pool.half(), lens), TypeError, "k_cache must have"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("case", list(_bad_decode_calls()))
+def test_paged_decode_bad_inputs_same_error_for_every_backend(backend, case):
+    kwargs, args, exc, message = _bad_decode_calls()[case]
+    with pytest.raises(exc, match=message):
+        mk.decode_attention(*args, **kwargs, backend=backend)
+
+
+# ---- paged varlen (prefill with a cache, chunked prefill) ---------------------------------------------------
+
+VARLEN_CASES = {  # new queries per sequence, cache lengths (new tokens included), block size, (Hq, Hkv), Dh
+    "chunked_prefill": ([5, 1, 17], [37, 1, 17], 16, (8, 2), 64),
+    "empty_and_bs1": ([0, 3, 2], [0, 9, 2], 1, (4, 4), 32),
+    "long_chunk": ([70, 4], [130, 64], 16, (6, 3), 48),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_varlen_matches_reference(backend, dtype, case, causal):
+    lq, lk, block_size, (hq, hkv), dh = VARLEN_CASES[case]
+    batch = len(lq)
+    cu_q = torch.tensor([0] + lq).cumsum(0).int()
+    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
+    dense_k, dense_v = (torch.randn(batch, max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
+    k_pool, v_pool, table = paged(dense_k, dense_v, lk, block_size)
+    lens = torch.tensor(lk, dtype=torch.int32)
+    out = paged_varlen_attention(q, k_pool, v_pool, cu_q, lens, table, max(lq), causal=causal, backend=backend)
+    low = paged_varlen_attention(q, k_pool, v_pool, cu_q, lens, table, max(lq), causal=causal, backend="reference")
+    cu_k = torch.tensor([0] + lk).cumsum(0).int()  # the same keys packed: plain varlen attention is the truth
+    k_packed, v_packed = (torch.cat([d[b, :n] for b, n in enumerate(lk)]).double() for d in (dense_k, dense_v))
+    truth = mk.varlen_attention(q.double(), k_packed, v_packed, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                                backend="reference")
+    assert_within_rule(out, low, truth, "paged varlen")
+
+
+def test_paged_varlen_one_query_equals_paged_decode():
+    lengths = [9, 0, 40]
+    dense_k, dense_v = (torch.randn(3, 41, 2, 32) for _ in range(2))
+    k_pool, v_pool, table = paged(dense_k, dense_v, lengths, 8)
+    q = torch.randn(3, 4, 32)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    varlen = paged_varlen_attention(q, k_pool, v_pool, torch.arange(4, dtype=torch.int32), lens, table, 1)
+    torch.testing.assert_close(varlen, mk.decode_attention(q, k_pool, v_pool, lens, block_table=table))
+
+
+def test_paged_varlen_bad_inputs():
+    q, pool = torch.randn(4, 2, 16), torch.randn(3, 4, 2, 16)
+    cu, lens, table = torch.tensor([0, 4]), torch.tensor([4]), torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q must have"):
+        paged_varlen_attention(q, pool, pool, cu[:0], lens, table, 4)
+    with pytest.raises(ValueError, match="block_table must have shape"):
+        paged_varlen_attention(q, pool, pool, cu, lens, torch.zeros(2, 2, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        paged_varlen_attention(q, pool, pool, cu, lens, table, -1)
+    with pytest.raises(ValueError, match="does not support paged_varlen_attention"):
+        resolve("compiled", "paged_varlen_attention", torch.device("cuda"), q.dtype)  # its kernel is CPU only
+
+
+# ---- plans from known decisions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_from_keep_matches_route(backend):
+    """RoutingPlan.from_keep compacts given decisions exactly like route() compacts the router's."""
+    z, w = torch.randn(3, 11, 8), torch.randn(8)
+    pos = torch.randint(0, 50, (3, 11))
+    routed = mk.route(z, w, position_ids=pos, backend="reference")
+    plan = mk.RoutingPlan.from_keep(routed.keep, pos, scores=routed.scores, backend=backend)
+    for name in ("scores", "keep", "indices", "cu_seqlens", "positions"):
+        assert torch.equal(getattr(plan, name), getattr(routed, name)), name
+    assert plan.max_seqlen == routed.max_seqlen
+    empty = mk.RoutingPlan.from_keep(torch.zeros(2, 0, dtype=torch.bool), backend=backend)
+    assert empty.num_kept == 0 and empty.cu_seqlens.tolist() == [0, 0, 0]
+    with pytest.raises(TypeError, match="keep must have dtype"):
+        mk.RoutingPlan.from_keep(torch.ones(2, 3), backend=backend)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        mk.RoutingPlan.from_keep(routed.keep, scores=torch.rand(3, 10), backend=backend)
+
+
+# ---- the block pool ---------------------------------------------------------------------------------------------
+
+
+def test_pool_appends_kept_rows_only_and_grows_keeping_them():
+    """Random keep patterns over many decode-like appends: each sequence stores exactly its kept rows in order
+    (skipped rows take no slot), blocks are handed out exactly as needed, growth keeps the stored rows, and a
+    fresh pool is NaN (never silently zero) under the test suite's poisoning."""
+    pool = PagedKVPool(3, 2, 8, num_blocks=1, block_size=4)
+    assert torch.isnan(pool.k).all(), "tests allocate pools NaN-filled"
+    stored = [[] for _ in range(3)]
+    for step in range(30):
+        k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+        keep = torch.rand(3) < (0.0 if step % 7 == 0 else 0.6)
+        rows = torch.arange(3)
+        pool.append(k, v, rows, torch.zeros_like(rows), keep.int(), valid=keep, max_per_seq=1)
+        for b in range(3):
+            if keep[b]:
+                stored[b].append((k[b], v[b]))
+    assert pool.syncs > 0 and pool.num_blocks > 1, "the pool had to grow"
+    assert pool.lengths.tolist() == [len(s) for s in stored]
+    assert int(pool.next_block[0]) == sum(-(-len(s) // 4) for s in stored)
+    for b in range(3):
+        k_rows, v_rows = pool.gather(b)
+        assert torch.equal(k_rows, torch.stack([k for k, _ in stored[b]]).reshape(-1, 2, 8))
+        assert torch.equal(v_rows, torch.stack([v for _, v in stored[b]]).reshape(-1, 2, 8))
+
+
+def test_pool_packed_append_and_byte_budget():
+    """Prefill-style append of packed kept rows; a byte budget sizes the pool; a fixed pool refuses to overflow."""
+    per_block = PagedKVPool.block_bytes(16, 2, 8, torch.float16)
+    pool = PagedKVPool(2, 2, 8, max_bytes=5 * per_block + 7, dtype=torch.float16, growable=False,
+                       max_blocks_per_seq=4)
+    assert pool.num_blocks == 5
+    keep = torch.tensor([[True] * 20 + [False] * 5, [False] * 24 + [True]])
+    plan = mk.RoutingPlan.from_keep(keep)
+    k = torch.randn(plan.num_kept, 2, 8).half()
+    seq = plan.indices // 25
+    rank = torch.arange(plan.num_kept) - plan.cu_seqlens.long()[seq]
+    pool.append(k, k, seq, rank, plan.cu_seqlens[1:] - plan.cu_seqlens[:-1], max_per_seq=25)
+    assert pool.lengths.tolist() == [20, 1] and int(pool.next_block[0]) == 3
+    assert torch.equal(pool.gather(0)[0], k[:20]) and torch.equal(pool.gather(1)[0], k[20:])
+    with pytest.raises(PoolFullError, match="num_blocks"):
+        pool.append(torch.randn(50, 2, 8).half(), torch.randn(50, 2, 8).half(), torch.zeros(50, dtype=torch.long),
+                    torch.arange(50), torch.tensor([50, 0]))
+    with pytest.raises(ValueError, match="exactly one of num_blocks and max_bytes"):
+        PagedKVPool(2, 2, 8)
