@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
+from mindskip_kernels.backends import available
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing
@@ -112,6 +113,33 @@ def test_cached_equals_recompute_every_backend(backend, granularity, host_compac
     for b in range(ids.shape[0]):
         expect = reference_sequence_generation(model, ids[b][mask[b].bool()])
         assert torch.equal(cached[b, ids.shape[1] :], expect), f"sequence {b}"
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity, monkeypatch):
+    """Batch 1 on the device path with Triton: the q/k/v/o projections of every decode step go through the
+    predicated GEMV (a skipped step reads no weight), and cached generation still equals recomputation."""
+    if not available()["triton"]:
+        pytest.skip("backend 'triton' not available in this install")
+    from mindskip_kernels.backends import triton as tri
+
+    calls = []
+    real = tri.predicated_linear
+    monkeypatch.setattr(tri, "predicated_linear", lambda *a: calls.append(bool(a[3].all())) or real(*a))
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
+    model = tiny_model("llama")
+    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, backend="triton")
+    torch.manual_seed(3)
+    randomize_routers(model, std=4.0)
+    ids = torch.randint(1, 97, (1, 7))
+    mask = torch.ones_like(ids)
+    cached = greedy(model, ids, mask, use_cache=True)
+    assert len(calls) == 4 * 2 * (NEW - 1), "q, k, v, o of both routed layers in every decode step"
+    if granularity == "token":
+        assert any(calls) and not all(calls), "decode steps should both keep and skip"
+        torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
+    else:
+        assert torch.equal(cached[0, 7:], reference_sequence_generation(model, ids[0]))
 
 
 def test_fixed_pool_decodes_without_reading_the_device_and_skips_take_no_slot():

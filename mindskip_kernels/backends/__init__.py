@@ -22,6 +22,7 @@ the modules in tests/test_hardening.py):
 | decode_attention       | any, backward  | CPU, CUDA             | CUDA                   |
 | paged_decode_attention | any, backward  | CPU, CUDA             | CUDA                   |
 | paged_varlen_attention | any, backward  | CPU                   | CUDA                   |
+| predicated_linear      | -              | -                     | CUDA                   |
 | keep_masked_attention  | any, backward  | -                     | CUDA, backward         |
 
 dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
@@ -60,6 +61,7 @@ CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
                                "triton": (("cuda",), False)},
     "paged_varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False),
                                "triton": (("cuda",), False)},
+    "predicated_linear": {"triton": (("cuda",), False)},  # batch-1 decode projections; elsewhere torch's linear
     "keep_masked_attention": {"reference": (("any",), True), "triton": (("cuda",), True)},
 }
 
@@ -68,7 +70,7 @@ MAX_HEAD_DIM = 256  # the attention kernels' limit (csrc/mindskip.h kMaxHeadDim,
 _MODULES: dict[str, ModuleType | None] = {}
 
 
-def _module(name: str) -> ModuleType | None:
+def module(name: str) -> ModuleType | None:
     """The backend module, or None when it cannot be imported here (e.g. triton not installed). Imported
     once: later calls are a dict lookup, which torch.compile can trace."""
     if name not in _MODULES:
@@ -83,7 +85,7 @@ def available() -> dict[str, bool]:
     """Which backends can run at all in this installation."""
     out = {}
     for name in NAMES[1:]:
-        mod = _module(name)
+        mod = module(name)
         out[name] = mod is not None and getattr(mod, "available", lambda: True)()
     return out
 
@@ -104,7 +106,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, nee
     the choice is checked as usual but the reference runs: there is no work for a kernel, and zero-size
     corners (D = 0, B = 0) need no special case in every kernel."""
     mod = _resolve(backend, op, device, dtype, needs_grad, head_dim)
-    return _module("reference") if empty else mod
+    return module("reference") if empty else mod
 
 
 def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
@@ -114,12 +116,12 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
         for name in PREFERENCE.get(device.type, ("reference",)):
-            mod = _module(name)
+            mod = module(name)
             if (mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op))
                     and (not big_heads or name == "reference")):
                 return mod
         raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
-    mod = _module(backend)
+    mod = module(backend)
     if mod is None:
         raise RuntimeError(f"backend {backend!r} cannot be imported here; install its extra "
                            f"(pip install 'mindskip_kernels[{backend}]') or use backend='reference'")

@@ -22,6 +22,7 @@ from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels.attention import apply_rope, packed_attention, routed_update
+from mindskip_kernels.backends import module as backend_module
 from mindskip_kernels.backends import resolve
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.ops import keep_masked_attention
@@ -185,9 +186,12 @@ def _rope_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], idx: torc
     return tuple((r if idx is None else r.index_select(0, idx)).to(dtype) for r in rows)
 
 
-def _qkv(attn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q/k/v [T, H, Dh] of rows z [T, D] through a transformers attention module (Qwen3's q/k norms too)."""
-    q, k, v = (proj(z).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+def _qkv(attn: nn.Module, z: torch.Tensor, project=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v [T, H, Dh] of rows z [T, D] through a transformers attention module (Qwen3's q/k norms too);
+    `project(linear, rows)` replaces `linear(rows)` when given."""
+    project = project or (lambda linear, rows: linear(rows))
+    q, k, v = (project(proj, z).unflatten(-1, (-1, attn.head_dim))
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if hasattr(attn, "q_norm"):  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
@@ -248,6 +252,22 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
     return x + gate.unsqueeze(-1).to(out.dtype) * out, plan, keep_rate
 
 
+def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor):
+    """`project(linear, rows)` for a batch-1 decode step on the device path: the Triton predicated GEMV,
+    which reads the device keep flag and, for a skipped row, writes zeros without reading the weight (a
+    skipped layer's q/k/v/o projections cost a launch each, no host branch). None (cuBLAS / torch) where
+    Triton cannot run or another backend was asked for, and at batch > 1, where one GEMM over all rows reads
+    each weight once and the predicated add discards the skipped rows."""
+    if keep.shape[0] != 1 or backend not in ("auto", "triton"):
+        return None
+    tri = backend_module("triton")
+    if tri is None or not tri.supports("predicated_linear", like.device, like.dtype):
+        return None
+    if backend == "auto" and like.device.type != "cuda":
+        return None  # "auto" on the CPU: the interpreter is for tests, not for running models
+    return lambda linear, rows: tri.predicated_linear(rows, linear.weight, linear.bias, keep)
+
+
 # On the CPU a host read of the keep flags is free (no device queue to drain), so a decode step projects and
 # attends only its kept rows there (a skipped row costs no q/k/v/o projection). Accelerators take the
 # fixed-shape device path, which CUDA graphs can capture; tests set this False to run that path on the CPU.
@@ -279,12 +299,14 @@ def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.T
     if rows is not None and rows.numel() == 0:
         return hidden_states, scores, keep  # nothing kept: no projection, no cache access
     attn = self.self_attn
-    q, k, v = _qkv(attn, z[:, 0] if rows is None else z[:, 0].index_select(0, rows))
+    project = _predicated(st.backend, keep, z) if rows is None else None
+    q, k, v = _qkv(attn, z[:, 0] if rows is None else z[:, 0].index_select(0, rows), project)
     cos, sin = _rope_rows(position_embeddings, None, attn.head_dim, q.dtype)
     if rows is not None and cos.shape[0] > 1:
         cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attn.o_proj(layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1))
+    attended = layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1)
+    out = attn.o_proj(attended) if project is None else project(attn.o_proj, attended)
     out = out.to(hidden_states.dtype)
     if rows is not None:  # residual + attention on the kept rows (the rounding of the device path's add)
         return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states), scores, keep

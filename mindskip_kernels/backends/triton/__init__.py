@@ -19,7 +19,8 @@ from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
 OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
-       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention")
+       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention",
+       "predicated_linear")
 # ops with a backward, see backends.resolve(needs_grad=)
 DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
