@@ -23,6 +23,7 @@ __all__ = [
     "load_routers",
     "mindskip_attention",
     "paged_varlen_attention",
+    "record_routing",
     "route",
     "save_routers",
     "scatter_add",
@@ -32,7 +33,7 @@ __all__ = [
 
 def __getattr__(name: str):
     """The Hugging Face integration imports transformers, so it loads on first use."""
-    if name in ("apply_mindskip", "save_routers", "load_routers"):
+    if name in ("apply_mindskip", "save_routers", "load_routers", "record_routing"):
         from mindskip_kernels.integrations import hf
 
         return getattr(hf, name)

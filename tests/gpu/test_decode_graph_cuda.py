@@ -1,7 +1,8 @@
 """A routed decode step captured in a CUDA graph: one routed decoder layer of a patched tiny Llama (router flag,
 paged append, paged decode attention, predicated add, MLP) is captured once with a fixed-size pool, replayed
 for several tokens with new inputs copied into its static buffers, and compared with the same steps run
-eagerly on a twin cache (outputs and cache state). The Triton cases run in the compiled rerun.
+eagerly on a twin cache (outputs and cache state). The Triton cases run when `pytest tests/gpu` runs on
+its own (see cuda_harness).
 
 (The whole model's step is not captured here: transformers' DynamicLayer of the unrouted layers grows by
 concatenation; a static cache for those layers is what `benchmarks/gpu_check.sh` uses.)"""
@@ -14,27 +15,18 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.backends import available
 from mindskip_kernels.integrations.hf import new_cache, record_routing
 from tests.gpu.cuda_harness import (
     DEV,
     cuda_backends,
     kernels,
     needs_cuda,
-    rerun_only_with_interpreter,
-    rerun_without_interpreter,
 )
 from tests.test_hf import randomize_routers, tiny_model
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()
 STEPS = 6
-
-
-@rerun_only_with_interpreter
-@pytest.mark.skipif(not available()["triton"], reason="no Triton cases to rerun")
-def test_rerun_triton_without_interpreter():
-    rerun_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

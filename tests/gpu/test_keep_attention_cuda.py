@@ -3,9 +3,8 @@ forward and gradients, and compiled FlexAttention (a mask_mod reading the keep f
 baseline) against the reference (fp64 truth, the tolerance rule); no host sync in the Triton path. Skipped
 without CUDA.
 
-The kernels must be compiled: with Triton's interpreter on (tests/conftest.py) this module reruns itself
-without it (tests/gpu/cuda_harness.py). Run directly with
-`TRITON_INTERPRET=0 python -m pytest tests/gpu/test_keep_attention_cuda.py -x -q`.
+The kernels must be compiled: run `pytest tests/gpu` on its own (tests/conftest.py then leaves Triton's
+interpreter off; see tests/gpu/cuda_harness.py).
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from tests.gpu.cuda_harness import (
     INTERPRET,
     count_syncs,
     needs_cuda,
-    rerun_only_with_interpreter,
-    rerun_without_interpreter,
     triton_compiled_only,
 )
 from tests.harness import assert_within_rule
@@ -39,11 +36,6 @@ LOW = [torch.float32, torch.float16, torch.bfloat16]
 
 def _inputs(dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.randn(B, h, N, DH, device=DEV).to(dtype) for h in (HQ, HKV, HKV)]
-
-
-@rerun_only_with_interpreter
-def test_rerun_without_interpreter():
-    rerun_without_interpreter(__file__)
 
 
 @triton_compiled_only

@@ -1,6 +1,7 @@
 """Paged decode attention on CUDA (compiled split-K kernel and Triton split-KV kernel) against the reference:
 pools read in place through shuffled block tables, ragged and long caches, block boundaries, GQA, NaN in
-every unused pool row; no host sync. Skipped without CUDA; the Triton cases run in the compiled rerun."""
+every unused pool row; no host sync.
+Skipped without CUDA; the Triton cases run when `pytest tests/gpu` runs on its own (see cuda_harness)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.backends import available
 from tests.gpu.cuda_harness import (
     DEV,
     count_syncs,
     cuda_backends,
     kernels,
     needs_cuda,
-    rerun_only_with_interpreter,
-    rerun_without_interpreter,
 )
 from tests.harness import assert_within_rule
 from tests.test_kernels import LOW
@@ -24,12 +22,6 @@ from tests.test_paged_attention import paged
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()
-
-
-@rerun_only_with_interpreter
-@pytest.mark.skipif(not available()["triton"], reason="no Triton cases to rerun")
-def test_rerun_triton_without_interpreter():
-    rerun_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
