@@ -52,6 +52,8 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     hq, dh = q.shape[1], q.shape[2]
+    if dh == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
     if block_table is not None:
         check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
         if block_table.shape[0] != batch:
@@ -87,9 +89,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"k_cache must have shape [{batch}, S, Hkv, {dh}] to match q, got "
                              f"{tuple(k_cache.shape)}")
     _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, batch)
-    scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = check.softmax_scale(softmax_scale, dh)
     op = resolve(backend, "paged_decode_attention" if block_table is not None else "decode_attention", q.device,
-                 q.dtype, needs_grad(q, k_cache, v_cache))
+                 q.dtype, needs_grad(q, k_cache, v_cache), head_dim=dh)
     return op.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale)
 
 
@@ -113,8 +115,9 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"max_seqlen_q must be a non-negative int, got {max_seqlen_q!r}")
     _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q.numel() - 1)
     check.same_device(q=q, cu_seqlens_q=cu_seqlens_q)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "paged_varlen_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache))
+    scale = check.softmax_scale(softmax_scale, q.shape[-1])
+    op = resolve(backend, "paged_varlen_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache),
+                 head_dim=q.shape[-1])
     return op.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
                                      causal, scale)
 
@@ -138,11 +141,13 @@ def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
     batch, hq, n, dh = q.shape
     if k.shape[0] != batch or k.shape[2] != n or k.shape[3] != dh:
         raise ValueError(f"k must have shape [{batch}, Hkv, {n}, {dh}] to match q, got {tuple(k.shape)}")
+    if dh == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]}) "
                          f"for grouped-query attention")
     check.shape_match("keep", keep, (batch, n), "[B, N] keep flags of the tokens")
     check.same_device(q=q, k=k, v=v, keep=keep)
-    scale = dh ** -0.5 if softmax_scale is None else float(softmax_scale)
-    op = resolve(backend, "keep_masked_attention", q.device, q.dtype, needs_grad(q, k, v))
+    scale = check.softmax_scale(softmax_scale, dh)
+    op = resolve(backend, "keep_masked_attention", q.device, q.dtype, needs_grad(q, k, v), head_dim=dh)
     return op.keep_masked_attention(q, k, v, keep, scale)

@@ -304,3 +304,24 @@ def test_model_folder_without_tokenizer(tmp_path, capsys):
     assert tok("the fox")["input_ids"] == [3, 4] and model.config.vocab_size == 6
     main(args + ["--tokenizer", str(tmp_path / "tok")])
     assert (tmp_path / "out" / "mindskip.json").is_file()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: mk.decode_attention(torch.randn(1, 2, 0), torch.randn(1, 3, 1, 0), torch.randn(1, 3, 1, 0),
+                                torch.tensor([2])),
+    lambda: mk.keep_masked_attention(torch.randn(1, 2, 3, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0),
+                                     torch.ones(1, 3, dtype=torch.bool)),
+], ids=["decode", "keep_masked"])
+def test_cache_and_training_attention_reject_head_dim_zero(call):
+    with pytest.raises(ValueError, match="head dim >= 1"):
+        call()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", True])
+def test_cache_and_training_attention_check_softmax_scale(scale):
+    q, kv = torch.randn(1, 2, 8), torch.randn(1, 3, 1, 8)
+    with pytest.raises(ValueError, match="softmax_scale must be"):
+        mk.decode_attention(q, kv, kv, torch.tensor([2]), softmax_scale=scale)
+    qb, kb = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    with pytest.raises(ValueError, match="softmax_scale must be"):
+        mk.keep_masked_attention(qb, kb, kb, torch.ones(1, 3, dtype=torch.bool), softmax_scale=scale)
