@@ -147,6 +147,9 @@ class MindSkipCache(DynamicCache):
                  num_blocks: int | None = None, max_bytes: int | None = None, max_length: int | None = None,
                  dtype: torch.dtype | None = None, static: bool = False) -> None:
         super().__init__(config=config)
+        # per-sequence decisions [B] (sequence granularity) of routed layers that keep a dense cache layer
+        # (the MLP target: attention runs for every token); a RoutedKVLayer holds its own
+        self.decisions: dict[int, torch.Tensor] = {}
         if static:  # unrouted layers as transformers' StaticLayer: the whole decode step can be graph-captured
             if max_length is None:
                 raise ValueError("static=True needs max_length (the static layers' capacity)")

@@ -33,6 +33,9 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # seeing the kept earlier tokens and itself, and gates every row with the straight-through decision; "paper" (the
 # authors' code) computes attention for the kept tokens only, so only they carry the LM gradient to the router.
 RULES = ("every_token", "paper")
+# What a router decides to run (the paper's Table 1): the attention sub-layer (MindSkip), the MLP sub-layer (its
+# router reads post_attention_layernorm), or the whole decoder block (Mixture-of-Depths; input_layernorm).
+TARGETS = ("attention", "mlp", "block")
 ROUTERS_FILE = "routers.safetensors"
 META_FILE = "mindskip.json"
 
@@ -99,7 +102,8 @@ class LayerState:
     model_state: ModelState
     rule: str = "every_token"  # the training forward (RULES); inference is the same for every rule
     sink_tokens: int = 0  # token granularity: the first n real tokens of a sequence are always kept
-    fuse_norm: bool = True  # inference: input_layernorm (RMSNorm) fused into the router and the gather
+    fuse_norm: bool = True  # inference: the router's RMSNorm fused into the router and the gather
+    target: str = "attention"  # TARGETS: the sub-layer the router skips
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -146,7 +150,8 @@ def new_cache(model: nn.Module, block_size: int | None = None, *, num_blocks: in
     layers static (capacity max_length), so a whole decode step can be captured in a CUDA graph."""
     base = _base_model(model)
     kwargs = {} if block_size is None else {"block_size": block_size}
-    return MindSkipCache(base.config, sorted(mindskip_layers(base)), num_blocks=num_blocks, max_bytes=max_bytes,
+    routed = sorted(i for i, layer in mindskip_layers(base).items() if layer.mindskip.target != "mlp")
+    return MindSkipCache(base.config, routed, num_blocks=num_blocks, max_bytes=max_bytes,
                          max_length=max_length, dtype=base.layers[0].input_layernorm.weight.dtype, static=static,
                          **kwargs)
 
@@ -230,22 +235,82 @@ def _sink_flags(st: LayerState, batch: int, seq_len: int, past: int, device: tor
     return rank < st.sink_tokens
 
 
+def _router_norm(layer: nn.Module) -> nn.Module:
+    """The RMSNorm whose output the router reads: post_attention_layernorm for the MLP target, else
+    input_layernorm."""
+    return layer.post_attention_layernorm if layer.mindskip.target == "mlp" else layer.input_layernorm
+
+
+def _block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The decoder block's contribution on rows x given its attention output: attn + mlp(ln2(x + attn)), so that
+    x + g * out is the block at g = 1 and x at g = 0."""
+    return attn_out + layer.mlp(layer.post_attention_layernorm(x + attn_out))
+
+
+def _sublayer_fn(layer: nn.Module, x: torch.Tensor, attend):
+    """fn(packed z, plan) -> the routed sub-layer's contribution on the kept rows, for the layer's target:
+    `attend` (attention), the MLP (z is then the post_attention_layernorm output), or the block: attention,
+    then the MLP on the same packed rows (the block input x [B, N, D] is gathered un-normalized for its
+    residual; nothing is scattered in between)."""
+    target = layer.mindskip.target
+    if target == "attention":
+        return attend
+    if target == "mlp":
+        return lambda zp, plan: layer.mlp(zp)
+
+    def block(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        return _block_out(layer, gather(x, plan, backend=layer.mindskip.backend), attend(zp, plan).to(x.dtype))
+
+    return block
+
+
+def _routed(layer: nn.Module, x: torch.Tensor, fn, pad: torch.Tensor | None, position_ids: torch.Tensor | None,
+            sinks: torch.Tensor | None, training: bool) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
+    """`routed_update` of the layer's target on its input x: the router reads the target's RMSNorm (fused into
+    the router and the gather unless st.fuse_norm is off), fn computes the kept rows' contribution."""
+    st: LayerState = layer.mindskip
+    ln = _router_norm(layer)
+    return routed_update(x if st.fuse_norm else ln(x), layer.router.weight, fn, residual=x,
+                         norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=st.threshold,
+                         granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
+                         force_keep=sinks, training=training, backend=st.backend)
+
+
+def _reuse_decision(layer: nn.Module, x: torch.Tensor, decision: torch.Tensor, real: torch.Tensor | None,
+                    position_ids: torch.Tensor | None, fn) -> tuple[torch.Tensor, RoutingPlan]:
+    """A later chunk of a sequence-granularity sequence: the stored per-sequence decision [B] instead of the
+    router, then the target's contribution on the kept rows as in `_routed`."""
+    st: LayerState = layer.mindskip
+    ln = _router_norm(layer)
+    keep = decision.unsqueeze(1).expand(-1, x.shape[1])
+    plan = RoutingPlan.from_keep(keep if real is None else keep & real, position_ids, backend=st.backend)
+    norm = (ln.weight, ln.variance_epsilon) if st.fuse_norm else None
+    values = fn(gather(x if st.fuse_norm else ln(x), plan, norm=norm, backend=st.backend), plan)
+    return scatter_add(x, values.to(x.dtype), plan, backend=st.backend), plan
+
+
 def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, pad: torch.Tensor | None,
                         st: LayerState, sinks: torch.Tensor | None) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor]:
-    """The "every_token" training forward: attention for every token, each query seeing the kept earlier
-    tokens and itself (a kept token sees exactly what inference shows it), and h = x + g * attn on every row
-    with the hard gate g (0 or 1 in value) passing its gradient straight through to the score. Returns
-    (h, plan, keep rate over real tokens with the straight-through gradient)."""
-    attn = layer.self_attn
-    z = layer.input_layernorm(x)
+    """The "every_token" training forward: the target's sub-layer for every token (attention with each query
+    seeing the kept earlier tokens and itself, so a kept token sees exactly what inference shows it; for the
+    block, that attention and then the MLP), and h = x + g * out on every row with the hard gate g (0 or 1 in
+    value) passing its gradient straight through to the score. Returns (h, plan, keep rate over real tokens
+    with the straight-through gradient)."""
+    z = _router_norm(layer)(x)
     plan = route(z, layer.router.weight, threshold=st.threshold, granularity=st.granularity, attention_mask=pad,
                  force_keep=sinks, backend=st.backend)
-    q, k, v = _qkv(attn, z)
-    cos, sin = (c.to(q.dtype) for c in position_embeddings)  # [1 or B, N, Dh]
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, Dh]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = keep_masked_attention(q, k, v, plan.keep, softmax_scale=attn.scaling, backend=st.backend)
-    out = attn.o_proj(out.transpose(1, 2).flatten(2))
+    if st.target == "mlp":
+        out = layer.mlp(z)
+    else:
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, z)
+        cos, sin = (c.to(q.dtype) for c in position_embeddings)  # [1 or B, N, Dh]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = keep_masked_attention(q, k, v, plan.keep, softmax_scale=attn.scaling, backend=st.backend)
+        out = attn.o_proj(out.transpose(1, 2).flatten(2))
+        if st.target == "block":
+            out = _block_out(layer, x, out)
     real = torch.ones_like(plan.keep) if pad is None else pad != 0
     gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
     keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
@@ -308,61 +373,80 @@ def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.T
     attended = layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1)
     out = attn.o_proj(attended) if project is None else project(attn.o_proj, attended)
     out = out.to(hidden_states.dtype)
+    if st.target == "block":  # the MLP on the same rows (device path: every row; the predicated add drops skips)
+        x_rows = hidden_states[:, 0] if rows is None else hidden_states[:, 0].index_select(0, rows)
+        out = _block_out(self, x_rows, out)
     if rows is not None:  # residual + attention on the kept rows (the rounding of the device path's add)
         return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states), scores, keep
     return torch.where(keep.view(batch, 1, 1), hidden_states + out.unsqueeze(1), hidden_states), scores, keep
+
+
+def _cached_update(self: nn.Module, x: torch.Tensor, pad: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   sinks: torch.Tensor | None, fn, decision: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Inference with a cache, for any target: the stored per-sequence decision [B] where there is one (a
+    later chunk or token of a sequence-granularity sequence), else the router. Returns (out, scores [B, N] or
+    None where a stored decision was reused, keep [B, N], the decision to store: [B] for sequence granularity,
+    else None)."""
+    real = None if pad is None else pad != 0
+    if decision is not None:
+        out, plan = _reuse_decision(self, x, decision, real, position_ids, fn)
+        return out, None, plan.keep, decision
+    out, plan, _ = _routed(self, x, fn, pad, position_ids, sinks, training=False)
+    return out, plan.scores, plan.keep, plan.keep.any(1) if self.mindskip.granularity == "sequence" else None
 
 
 def _cached_attention(self: nn.Module, hidden_states: torch.Tensor, pad: torch.Tensor | None,
                       position_ids: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                       layer_cache: RoutedKVLayer, sinks: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The routed attention sub-block with a MindSkipCache (inference): decode steps take the fixed-shape
-    device path; prefill routes (one host read of T) and attends through the paged cache. Sequence
-    granularity stores the prefill decision and reuses it for every later token. Returns (out, scores [B, N]
-    or None where a stored decision was reused, keep [B, N])."""
-    st: LayerState = self.mindskip
+    """The routed attention sub-block (or, for the block target, attention and then the MLP on the kept rows)
+    with a MindSkipCache (inference): decode steps take the fixed-shape device path; prefill routes (one host
+    read of T) and attends through the paged cache. Sequence granularity stores the prefill decision and
+    reuses it for every later token. Returns (out, scores [B, N] or None where a stored decision was reused,
+    keep [B, N])."""
     seq_len = hidden_states.shape[1]
-    real = None if pad is None else pad != 0
-    ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
-    norm = (ln.weight, ln.variance_epsilon) if st.fuse_norm else None
-    x = hidden_states if st.fuse_norm else ln(hidden_states)
-    attend = _attend_fn(self.self_attn, position_embeddings, st.backend, layer_cache)
     if seq_len == 1:
-        out, scores, keep = _cached_decode_step(self, hidden_states, ln(hidden_states), real, sinks,
-                                                position_embeddings, layer_cache)
+        real = None if pad is None else pad != 0
+        out, scores, keep = _cached_decode_step(self, hidden_states, self.input_layernorm(hidden_states), real,
+                                                sinks, position_embeddings, layer_cache)
         keep = keep.unsqueeze(1)
-    elif layer_cache.decision is not None:  # a later chunk of a sequence-granularity prefill: reuse the decision
-        keep = layer_cache.decision.unsqueeze(1).expand(-1, seq_len)
-        plan = RoutingPlan.from_keep(keep if real is None else keep & real, position_ids, backend=st.backend)
-        values = attend(gather(x, plan, norm=norm, backend=st.backend), plan)
-        out = scatter_add(hidden_states, values.to(hidden_states.dtype), plan, backend=st.backend)
-        scores, keep = None, plan.keep
     else:
-        out, plan, _ = routed_update(x, self.router.weight, attend, residual=hidden_states, threshold=st.threshold,
-                                     granularity=st.granularity, attention_mask=pad, position_ids=position_ids,
-                                     norm=norm, force_keep=sinks, training=False, backend=st.backend)
-        if st.granularity == "sequence":
-            layer_cache.decision = plan.keep.any(1)
-        scores, keep = plan.scores, plan.keep
+        fn = _sublayer_fn(self, hidden_states, _attend_fn(self.self_attn, position_embeddings, self.mindskip.backend,
+                                                          layer_cache))
+        out, scores, keep, layer_cache.decision = _cached_update(self, hidden_states, pad, position_ids, sinks, fn,
+                                                                 layer_cache.decision)
     layer_cache.seen += seq_len
     return out, scores, keep
+
+
+def _dense_attention(self: nn.Module, hidden_states: torch.Tensor, attention_mask, position_ids, cache, use_cache,
+                     position_embeddings, **kwargs) -> torch.Tensor:
+    """The MLP target's attention sub-layer: transformers' own, for every token (its cache layer is an ordinary
+    dense one)."""
+    out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                            position_ids=position_ids, cache=cache, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+    return hidden_states + out
 
 
 def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                             position_ids=None, cache=None, use_cache=False, position_embeddings=None,
                             **kwargs) -> torch.Tensor:
-    """Decoder layer forward with the attention sub-block routed; the MLP runs for every token.
+    """Decoder layer forward with the target sub-layer routed: attention (the MLP runs for every token), the
+    MLP (attention runs for every token, through transformers' own module and a dense cache layer), or the
+    whole block (skipped tokens pass it unchanged).
 
-    With a MindSkipCache (inference) the attention sub-block goes through `_cached_attention`. In training
-    the cache is not used (gradients flow through freshly computed K/V)."""
+    With a MindSkipCache (inference) the attention and block targets go through `_cached_attention`. In
+    training the cache is not used (gradients flow through freshly computed K/V)."""
     st: LayerState = self.mindskip
     layer_cache = None
     if cache is not None and not self.training:
         if not isinstance(cache, MindSkipCache):
             raise TypeError(f"cache must be a MindSkipCache for models patched by apply_mindskip (generate and "
                             f"use_cache=True create one), got {type(cache).__name__}")
-        layer_cache = cache.routed_layer(st.layer_idx)
+        if st.target != "mlp":
+            layer_cache = cache.routed_layer(st.layer_idx)
     batch, seq_len, _ = hidden_states.shape
     window = getattr(self.self_attn, "sliding_window", None)
     if window is not None and seq_len > window:
@@ -374,42 +458,55 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
             raise ValueError(f"attention_mask must have shape [{batch}, >= {seq_len}] (batch and length of the "
                              f"hidden states), got {tuple(pad.shape)}")
         pad = pad[:, -seq_len:]
-    sinks = _sink_flags(st, batch, seq_len, layer_cache.seen if layer_cache is not None else 0, hidden_states.device)
+    dense_cache = cache if st.target == "mlp" and not self.training else None
+    past = (layer_cache.seen if layer_cache is not None
+            else dense_cache.get_seq_length(st.layer_idx) if dense_cache is not None else 0)
+    sinks = _sink_flags(st, batch, seq_len, past, hidden_states.device)
+    if st.target == "mlp":
+        hidden_states = _dense_attention(self, hidden_states, attention_mask, position_ids, dense_cache, use_cache,
+                                         position_embeddings, **kwargs)
     keep_rate = None
     if layer_cache is not None:
         hidden_states, scores, keep = _cached_attention(self, hidden_states, pad, position_ids, position_embeddings,
                                                         layer_cache, sinks)
+    elif dense_cache is not None:
+        fn = _sublayer_fn(self, hidden_states, None)
+        hidden_states, scores, keep, decision = _cached_update(self, hidden_states, pad, position_ids, sinks, fn,
+                                                               dense_cache.decisions.get(st.layer_idx))
+        if decision is not None:
+            dense_cache.decisions[st.layer_idx] = decision
     elif self.training and st.rule == "every_token":
         hidden_states, plan, keep_rate = _every_token_update(self, hidden_states, position_embeddings, pad, st, sinks)
         scores, keep = plan.scores, plan.keep
     else:
-        attend = _attend_fn(self.self_attn, position_embeddings, st.backend, None)
-        ln = self.input_layernorm  # RMSNorm: fused into the router and the gather unless st.fuse_norm is off
-        hidden_states, plan, keep_rate = routed_update(
-            hidden_states if st.fuse_norm else ln(hidden_states), self.router.weight, attend, residual=hidden_states,
-            norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=st.threshold,
-            granularity=st.granularity, attention_mask=pad, position_ids=position_ids, force_keep=sinks,
-            training=self.training, backend=st.backend)
+        fn = _sublayer_fn(self, hidden_states, _attend_fn(self.self_attn, position_embeddings, st.backend, None))
+        hidden_states, plan, keep_rate = _routed(self, hidden_states, fn, pad, position_ids, sinks, self.training)
         scores, keep = plan.scores, plan.keep
     if st.model_state.records:
         real = torch.ones_like(keep) if pad is None else pad != 0
         entry = RoutingEntry(st.layer_idx, scores, keep, real, keep_rate)
         for record in st.model_state.records:
             record.entries.append(entry)
+    if st.target != "attention":
+        return hidden_states
     residual = hidden_states
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
     return residual + hidden_states
 
 
 def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, threshold: float = 0.5,
-                   granularity: str = "token", backend: str = "auto", *, sink_tokens: int = 0) -> nn.Module:
+                   granularity: str = "token", backend: str = "auto", *, sink_tokens: int = 0,
+                   target: str = "attention") -> nn.Module:
     """Add a zero-initialised MindSkip router to chosen decoder layers of a transformers causal LM.
 
     layers: None = the paper's choice (the last half of the layers before the final one), an int n = the
     last n before the final one, or a list of layer indices. sink_tokens (token granularity): the first n
     real tokens of every sequence always run attention, whatever their score, so that the kept tokens keep
     their attention sink (most heads of trained LLMs put much of their weight on the first token; skipping
-    it as a key hurts every kept query). 0 = the paper's semantics. Returns the same model, patched in place.
+    it as a key hurts every kept query). 0 = the paper's semantics. target (TARGETS): what a skipped token skips:
+    "attention" (MindSkip), "mlp" (the router reads post_attention_layernorm; attention runs for every
+    token), or "block" (Mixture-of-Depths: attention among the kept tokens, then the MLP on them; skipped
+    tokens pass the whole block unchanged). Returns the same model, patched in place.
     """
     model_type = _model_type(model)
     if model_type not in SUPPORTED:
@@ -418,6 +515,8 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     granularity = check.granularity(granularity)
     check.backend(backend)
     sink_tokens = check.sink_tokens(sink_tokens)
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     base = _base_model(model)
     chosen = _choose_layers(len(base.layers), layers)
     if not hasattr(base, "_mindskip_state"):
@@ -432,7 +531,7 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
             layer.router = nn.Linear(ref.shape[0], 1, bias=False, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(layer.router.weight)
         layer.mindskip = LayerState(i, threshold, granularity, backend, base._mindskip_state,
-                                    sink_tokens=sink_tokens)
+                                    sink_tokens=sink_tokens, target=target)
         layer.forward = types.MethodType(_mindskip_layer_forward, layer)
     return model
 
@@ -471,9 +570,9 @@ def set_thresholds(model: nn.Module, threshold: float | dict[int, float]) -> Non
 
 def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
-    into directory `path`: layers, each layer's threshold and granularity (`thresholds`, `granularities`, by
-    layer index), `threshold` / `granularity` when every layer has the same (else null), and under "tuning" the
-    JSON-serialisable `info` (how they were tuned)."""
+    into directory `path`: layers, each layer's threshold, granularity and target (`thresholds`,
+    `granularities`, `targets`, by layer index), `threshold` / `granularity` when every layer has the same
+    (else null), and under "tuning" the JSON-serialisable `info` (how they were tuned)."""
     from safetensors.torch import save_file
 
     layers = mindskip_layers(model)
@@ -485,12 +584,13 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     save_file(tensors, os.path.join(path, ROUTERS_FILE))
     thresholds = {str(i): layer.mindskip.threshold for i, layer in layers.items()}
     granularities = {str(i): layer.mindskip.granularity for i, layer in layers.items()}
+    targets = {str(i): layer.mindskip.target for i, layer in layers.items()}
 
     def common(values: dict):
         return next(iter(values.values())) if len(set(values.values())) == 1 else None
 
     meta = {"layers": sorted(layers), "threshold": common(thresholds), "granularity": common(granularities),
-            "thresholds": thresholds, "granularities": granularities,
+            "thresholds": thresholds, "granularities": granularities, "targets": targets,
             "sink_tokens": max(layer.mindskip.sink_tokens for layer in layers.values()),
             "model_type": _model_type(model),
             "hidden_size": next(iter(tensors.values())).shape[1]}
@@ -501,9 +601,9 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
 
 
 def _read_routers(path: str | os.PathLike
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int]] | None, str]:
-    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens)} or None for a bare state-dict
-    file, the file named in errors)."""
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int, str]] | None, str]:
+    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens, target)} or None for a bare
+    state-dict file, the file named in errors). Files written before targets existed route attention."""
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
@@ -527,7 +627,7 @@ def _read_routers(path: str | os.PathLike
                          f"{meta['layers']}")
     per_layer = {i: (meta.get("thresholds", {}).get(str(i), meta.get("threshold")),
                      meta.get("granularities", {}).get(str(i), meta.get("granularity")),
-                     meta.get("sink_tokens", 0)) for i in weights}
+                     meta.get("sink_tokens", 0), meta.get("targets", {}).get(str(i), "attention")) for i in weights}
     return weights, per_layer, meta_file
 
 
@@ -538,7 +638,10 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
     `model.layers.{i}.router.weight` (the paper's naming; other keys are ignored). A bare file has no settings:
     a layer the model already routes keeps its threshold and granularity, others get threshold 0.5 and
     granularity "sequence" (the paper's released routers are sequence-level). `granularity` overrides both.
-    `backend` None keeps an existing patch's backend ("auto" for new layers).
+    `backend` None keeps an existing patch's backend ("auto" for new layers). The target comes from the
+    metadata ("attention" for files written before targets existed; a bare file keeps an existing patch's,
+    else "attention"); a layer the model already routes for another target is refused (ValueError naming
+    both).
 
     Everything is checked before the model is touched: on an error the model is exactly as it was."""
     if granularity is not None:
@@ -563,16 +666,22 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
                              f", the model needs a float [1, {hidden}] (hidden size {hidden})")
         old = patched[i].mindskip if i in patched else None
         if per_layer is not None:
-            threshold, gran, sink = per_layer[i]
+            threshold, gran, sink, target = per_layer[i]
         else:
-            threshold, gran, sink = ((old.threshold, old.granularity, old.sink_tokens) if old is not None
-                                     else (0.5, "sequence", 0))
+            threshold, gran, sink, target = ((old.threshold, old.granularity, old.sink_tokens, old.target)
+                                             if old is not None else (0.5, "sequence", 0, "attention"))
+        if target not in TARGETS:
+            raise ValueError(f"{source}: layer {i} has target {target!r}, expected one of {TARGETS}")
+        if old is not None and old.target != target:
+            raise ValueError(f"target mismatch: {source} holds a router of layer {i} for target {target!r}, but "
+                             f"the model already routes that layer with target {old.target!r}; load into a "
+                             f"model patched with target={target!r} or an unpatched one")
         layer_backend = backend if backend is not None else old.backend if old is not None else "auto"
         settings[i] = (check.threshold(threshold), check.granularity(granularity or gran), layer_backend,
-                       check.sink_tokens(sink))
-    for i, (threshold, gran, layer_backend, sink) in settings.items():
+                       check.sink_tokens(sink), target)
+    for i, (threshold, gran, layer_backend, sink, target) in settings.items():
         apply_mindskip(model, layers=[i], threshold=threshold, granularity=gran, backend=layer_backend,
-                       sink_tokens=sink)
+                       sink_tokens=sink, target=target)
         with torch.no_grad():
             base.layers[i].router.weight.copy_(weights[i])
     return model
