@@ -112,7 +112,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
-                   granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens)
+                   granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
+                   target=args.target)
     history = router_tune(model, args.data, tokenizer, keep=args.keep, rule=args.rule, steps=args.steps,
                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                           sparsity_weight=args.sparsity_weight, target_capacity=args.target_capacity,
@@ -121,7 +122,7 @@ def _tune(args: argparse.Namespace) -> int:
     rank, world = _distributed()
     if rank == 0:
         info = {"rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr, "seed": args.seed,
-                "sink_tokens": args.sink_tokens, "data": os.fspath(args.data)}
+                "sink_tokens": args.sink_tokens, "target": args.target, "data": os.fspath(args.data)}
         save_routers(model, args.out, info)
         write_log(history, os.path.join(args.out, "train_log.csv"))
         plot_history(history, os.path.join(args.out, "train_curve.png"))
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="N = the last N layers before the final one (default: half, the paper's), or a "
                            "comma-separated list of layer indices")
     tune.add_argument("--granularity", choices=("token", "sequence"), default="token")
+    tune.add_argument("--target", choices=("attention", "mlp", "block"), default="attention",
+                      help="what a skipped token skips: attention (MindSkip), mlp, or the whole block (MoD)")
     tune.add_argument("--sink-tokens", type=int, default=1,
                       help="token granularity: the first N real tokens always run attention (attention sinks; "
                            "0 = the paper's semantics)")

@@ -15,6 +15,7 @@ from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing
 from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
+from tests.test_tuning import RECORDS, saved_model, tokenizer  # noqa: F401 (fixtures of the tune test)
 
 TARGETS = ["mlp", "block"]
 
@@ -253,3 +254,37 @@ def test_sequence_granularity_generation_reuses_prefill_decision(target):
         decisions |= {bool(e.keep.any()) for e in rec.entries}
         assert torch.equal(cached[b, ids.shape[1]:], reference_sequence_generation(model, prompt)), f"sequence {b}"
     assert decisions == {True, False}, "some layers should keep and some skip"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rule", hf.RULES)
+def test_router_tune_trains_every_target(target, rule):
+    from mindskip_kernels.tuning import evaluate, router_tune
+
+    model = distinct_norms(tiny_model("llama"))
+    mk.apply_mindskip(model, target=target, backend="reference")
+    gen = torch.Generator().manual_seed(0)
+    items = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (16, 12), generator=gen)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = router_tune(model, items, keep=0.5, rule=rule, steps=6, batch_size=4, lr=1e-2, calibration_items=8,
+                          progress=False)
+    assert len(history) == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {f"model.layers.{i}.router.weight"
+                                                                          for i in (1, 2)}
+    assert abs(evaluate(model, items[:8]).keep_rate - 0.5) <= 0.1, "calibrated to the keep rate asked for"
+
+
+def test_cli_tune_target(tmp_path, request):
+    from mindskip_kernels.cli import main
+
+    model_dir = request.getfixturevalue("saved_model")  # test_tuning's tiny Llama and trained tokenizer
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    out = tmp_path / "run"
+    main(["tune", "--model", str(model_dir), "--data", str(data), "--layers", "2", "--steps", "2", "--keep", "0.5",
+          "--batch-size", "2", "--backend", "reference", "--target", "block", "--out", str(out)])
+    meta = json.loads((out / hf.META_FILE).read_text())
+    assert meta["targets"] == {"1": "block", "2": "block"} and meta["tuning"]["target"] == "block"
+    with pytest.raises(SystemExit):
+        main(["tune", "--model", str(model_dir), "--data", str(data), "--target", "ffn", "--out", str(tmp_path)])
