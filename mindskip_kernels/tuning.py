@@ -109,10 +109,10 @@ def router_tune(model: nn.Module, data: Data, tokenizer=None, *, keep: float | N
     """Train the routers of a model patched by `apply_mindskip`; everything else stays frozen.
 
     keep: the fraction of routed sub-layers (layer x token pairs; attention, MLP or block by the layers' target)
-    to run, in (0, 1]. Training follows it with
-    one global threshold (the quantile of the last step's scores), then `calibrate` sets that threshold on
-    `calibration` (default: the first `calibration_items` training items) and writes it into every routed
-    layer. keep=None trains at the layers' fixed thresholds (the paper: 0.5, with `sparsity_weight`).
+    to run, in (0, 1]. Training follows it with one global threshold (the quantile of the last step's scores),
+    then `calibrate` sets that threshold on `calibration` (default: the first `calibration_items` training
+    items) and writes it into every routed layer. keep=None trains at the layers' fixed thresholds (the paper:
+    0.5, with `sparsity_weight`).
     rule: "every_token" (default) or "paper" (see the module docstring). data: a data file (see
     `mindskip_kernels.data.read_examples`), raw examples, or tokenized items; `tokenizer` is needed unless
     items are given. steps: optimizer steps (default: one pass over the data), each of `grad_accum`
