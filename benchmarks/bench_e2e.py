@@ -5,12 +5,14 @@
     python benchmarks/bench_e2e.py --skip 0 0.25 0.5 0.75 --csv out.csv --plot out.png
     python benchmarks/bench_e2e.py --compare-fused    # prefill: RMSNorm fused into router + gather, or not
     python benchmarks/bench_e2e.py --shapes 1x256 1x2048 4x512 --phases decode   # the README's decode points
+    python benchmarks/bench_e2e.py --target attention mlp block --phases prefill --skip 0.5   # per target
 
-Routers sit on the last half of the layers minus the final one (the paper's choice). For each skip
-fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its tokens
-skips attention. "ideal" is Amdahl's law on measured times: the dense time minus that fraction of the
-routed layers' attention time (dense minus the same model with every routed attention skipped); for decode
-the fraction is the one measured on the generated tokens (their routing is not calibrated).
+Routers sit on the last half of the layers minus the final one (the paper's choice) and route each --target:
+the attention sub-layer (MindSkip, the default), the MLP, or the whole block (Mixture-of-Depths). For each
+skip fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its
+tokens skips the target. "ideal" is Amdahl's law on measured times: the dense time minus that fraction of
+the routed targets' time (dense minus the same model with every routed target skipped); for decode the
+fraction is the one measured on the generated tokens (their routing is not calibrated).
 
 Decode also reports the K/V bytes each routed layer moves per step (read: the kept sequences' cached rows,
 once, by the paged kernel; written: the kept new rows) next to a dense layer's, and the K/V memory held
@@ -33,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
-from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing  # noqa: E402
+from mindskip_kernels.cache import RoutedKVLayer  # noqa: E402
+from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing  # noqa: E402
 
 PRESETS = {
     "cpu-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -132,7 +135,7 @@ def decode_bytes(model, cache, last: dict[int, torch.Tensor]) -> tuple[float, fl
     routed layers): (read by the paged kernel: the kept sequences' cached rows once, written: the kept new
     rows, a dense layer's read)."""
     read = written = 0.0
-    layers = mindskip_layers(model)
+    layers = [i for i in mindskip_layers(model) if isinstance(cache.layers[i], RoutedKVLayer)]
     for i in layers:
         routed = cache.layers[i]
         row = 2 * routed.num_kv_heads * routed.head_dim * routed.pool.k.element_size()
@@ -145,7 +148,7 @@ def decode_bytes(model, cache, last: dict[int, torch.Tensor]) -> tuple[float, fl
 
 def routed_memory(model, cache) -> float:
     """K/V bytes the routed layers hold, as a fraction of what dense layers would hold for the same tokens."""
-    layers = mindskip_layers(model)
+    layers = [i for i in mindskip_layers(model) if isinstance(cache.layers[i], RoutedKVLayer)]
     per_layer = cache.dense_nbytes() / len(cache.layers)
     return sum(cache.layers[i].nbytes() for i in layers) / (per_layer * len(layers))
 
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if cuda else "float32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--target", nargs="+", choices=TARGETS, default=["attention"],
+                   help="routed sub-layer(s), one table block each (--compare-fused / --graph-decode: the first)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--csv")
     p.add_argument("--plot")
@@ -191,9 +196,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dense = build_model(args.model, dtype, device)
     if args.predicated_gemv:
         return predicated_gemv(args, dense, device)
-    model = mk.apply_mindskip(copy.deepcopy(dense), backend=args.backend)
-    for layer in mindskip_layers(model).values():
-        torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    models = {target: routed_model(dense, target, args.backend) for target in args.target}
+    model = models[args.target[0]]
     if args.compare_fused:
         batch, seq_len = shapes[0]
         ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), device=device)
@@ -205,10 +209,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.graph_decode:
         return graph_decode(args, dense, model, shapes, device)
     rows, table = [], []
-    for batch, seq_len in shapes:
-        rows += run_shape(args, dense, model, batch, seq_len, device, table)
-    print_table(["shape", "phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal", "KV bytes"],
-                table)
+    for target, model in models.items():
+        for batch, seq_len in shapes:
+            rows += run_shape(args, dense, model, target, batch, seq_len, device, table)
+    print_table(["target", "shape", "phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal",
+                 "KV bytes"], table)
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
@@ -216,13 +221,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
-def run_shape(args, dense, model, batch: int, seq_len: int, device: torch.device, table: list) -> list[Row]:
+def routed_model(dense: torch.nn.Module, target: str, backend: str) -> torch.nn.Module:
+    """A copy of `dense` with random routers (scores spread out, so the calibrated thresholds skip real
+    fractions) on the paper's layers, routing `target`."""
+    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target)
+    for layer in mindskip_layers(model).values():
+        torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    return model
+
+
+def run_shape(args, dense, model, target: str, batch: int, seq_len: int, device: torch.device,
+              table: list) -> list[Row]:
     """Every skip fraction at one prompt shape, dense re-measured next to each point (interleaved)."""
     ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), device=device)
     tokens = torch.randint(0, dense.config.vocab_size, (args.decode_steps, batch, 1), device=device)
     dev, steps, shape = device_name(device), args.decode_steps, f"{batch}x{seq_len}"
-    print(f"{args.model}: {dense.config.num_hidden_layers} layers, {len(mindskip_layers(model))} routed, batch "
-          f"{batch} x {seq_len} tokens, {args.dtype}, {dev}, backend={args.backend}")
+    print(f"{args.model}: {dense.config.num_hidden_layers} layers, {len(mindskip_layers(model))} routing {target}, "
+          f"batch {batch} x {seq_len} tokens, {args.dtype}, {dev}, backend={args.backend}")
     measure_prefill, measure_decode = "prefill" in args.phases, "decode" in args.phases
 
     def timings(m, cache_fn):
@@ -241,27 +256,31 @@ def run_shape(args, dense, model, batch: int, seq_len: int, device: torch.device
     with torch.no_grad():
         for skip in args.skip:  # dense and "none" are re-measured next to each point: the machine's speed drifts
             calibrate(model, ids, 1.0)
-            none_pre, none_dec = timings(model, lambda: new_cache(model))  # every routed attention skipped
+            none_pre, none_dec = timings(model, lambda: new_cache(model))  # every routed target skipped
             dense_pre, dense_dec = timings(dense, dense_cache)
             calibrate(model, ids, skip)
             pre, dec = timings(model, lambda: new_cache(model))
             kept: list[dict[int, torch.Tensor]] = []
-            cache = decode(model, prefill(model, ids, lambda: new_cache(model)), tokens, kept)
+            prefilled = prefill(model, ids, lambda: new_cache(model))
+            if measure_decode:
+                decode(model, prefilled, tokens, kept)
+            cache = prefilled.cache
             fractions = [torch.cat(list(step.values())).float().mean().item() for step in kept]
             decode_skip = 1.0 - sum(fractions) / max(len(fractions), 1)
-            rows += [Row("e2e", "dense", "prefill", "time", "ms", f"{shape}/{skip}", *dense_pre, dev),
-                     Row("e2e", "dense", "decode", "time", "ms/token", f"{shape}/{skip}", *dense_dec, dev),
-                     Row("e2e", "mindskip", "prefill", "time", "ms", f"{shape}/{skip}", *pre, dev),
-                     Row("e2e", "mindskip", "decode", "time", "ms/token", f"{shape}/{skip}", *dec, dev)]
+            point, name = f"{shape}/{skip}", "mindskip" if target == "attention" else f"mindskip-{target}"
+            rows += [Row("e2e", "dense", "prefill", "time", "ms", point, *dense_pre, dev),
+                     Row("e2e", "dense", "decode", "time", "ms/token", point, *dense_dec, dev),
+                     Row("e2e", name, "prefill", "time", "ms", point, *pre, dev),
+                     Row("e2e", name, "decode", "time", "ms/token", point, *dec, dev)]
             phases = (("prefill", dense_pre, none_pre, pre, skip), ("decode", dense_dec, none_dec, dec, decode_skip))
             for phase, d, n, m, skipped in phases:
                 if phase not in args.phases:
                     continue
                 ideal = d[0] / max(d[0] - skipped * max(d[0] - n[0], 0.0), 1e-9)
-                table.append([shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x", f"{ideal:.2f}x",
-                              f"{(d[0] / m[0]) / ideal:.0%}",
+                table.append([target, shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x",
+                              f"{ideal:.2f}x", f"{(d[0] / m[0]) / ideal:.0%}",
                               f"{cache.nbytes() / cache.dense_nbytes():.0%}" if phase == "decode" else ""])
-            if measure_decode:
+            if measure_decode and target != "mlp":  # MLP-target layers keep a dense cache layer
                 read, written, dense_read = decode_bytes(model, cache, kept[-1])
                 held = routed_memory(model, cache)
                 print(f"  {shape} skip {skip:.0%}: decode K/V bytes per routed layer per step: read "
@@ -368,14 +387,15 @@ def plot(table: list[list], path: str) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for shape in dict.fromkeys(r[0] for r in table):
+    for target, shape in dict.fromkeys((r[0], r[1]) for r in table):
         for phase, marker in (("prefill", "o"), ("decode", "s")):
-            pts = [r for r in table if r[0] == shape and r[1] == phase]
+            pts = [r for r in table if r[:3] == [target, shape, phase]]
             if not pts:
                 continue
-            x = [float(r[2].rstrip("%")) for r in pts]
-            ax.plot(x, [float(r[5].rstrip("x")) for r in pts], marker + "-", label=f"{shape} {phase} measured")
-            ax.plot(x, [float(r[6].rstrip("x")) for r in pts], marker + "--", alpha=0.6, label=f"{shape} {phase} ideal")
+            x = [float(r[3].rstrip("%")) for r in pts]
+            label = f"{target} {shape} {phase}"
+            ax.plot(x, [float(r[6].rstrip("x")) for r in pts], marker + "-", label=f"{label} measured")
+            ax.plot(x, [float(r[7].rstrip("x")) for r in pts], marker + "--", alpha=0.6, label=f"{label} ideal")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("tokens skipped in routed layers (%)")
     ax.set_ylabel("speedup over dense")
