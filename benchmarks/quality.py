@@ -16,6 +16,8 @@ prefill speed vs dense measured in the same process (interleaved, median). Metho
 - Attention Drop: training-free, drop the layers with the highest input/output cosine similarity;
 - uniform random layers: drop randomly chosen routed layers (a new draw per seed);
 - untuned routers: random router weights, one threshold calibrated to the keep rate.
+With --targets attention mlp block the tuned methods also route the MLP / the whole block (rows "<method>
+(mlp)", "<method> (block)"; the keep rate is then that of the routed MLPs / blocks): the paper's Table 1.
 Writes CSV, a markdown table and a PNG (ppl / dense against keep rate) into --out.
 """
 
@@ -25,6 +27,7 @@ import argparse
 import copy
 import csv
 import importlib.util
+import itertools
 import os
 import random
 import statistics
@@ -38,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
-from mindskip_kernels.integrations.hf import mindskip_layers, paper_layers  # noqa: E402
+from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
 from mindskip_kernels.layer_drop import attention_similarity, drop_attention, export_layers  # noqa: E402
 from mindskip_kernels.tuning import calibrate, evaluate, router_tune  # noqa: E402
 
@@ -107,6 +110,8 @@ def main() -> None:
     p.add_argument("--speed-blocks", type=int, default=8)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--targets", nargs="+", default=["attention"], choices=TARGETS,
+                   help="routed sub-layers of the tuned methods (mlp / block add rows next to attention's)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--backend", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, 2 steps (CI)")
@@ -155,12 +160,13 @@ def main() -> None:
 
     tune_seconds = []
     for seed in range(args.seeds):
-        for name, granularity, rule in TUNED:
-            want_export = rule == "every_token" and granularity == "token" and "learned layer export" in args.methods
+        for (name, granularity, rule), target in itertools.product(TUNED, args.targets):
+            want_export = (rule == "every_token" and granularity == "token" and target == "attention"
+                           and "learned layer export" in args.methods)
             if name not in args.methods and not want_export:
                 continue
             model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
-                                      backend=args.backend, sink_tokens=args.sink_tokens)
+                                      backend=args.backend, sink_tokens=args.sink_tokens, target=target)
             t0 = time.perf_counter()
             router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, calibration=calib, seed=seed, progress=False)
@@ -168,7 +174,7 @@ def main() -> None:
             for keep in args.keeps:
                 calibrate(model, calib, keep, progress=False)
                 if name in args.methods:
-                    record(name, keep, seed, model)
+                    record(name if target == "attention" else f"{name} ({target})", keep, seed, model)
                 if want_export:
                     rates = evaluate(model, calib).keep_rates
                     dropped(export_layers(rates, keep=keep), seed, "learned layer export", keep)
@@ -195,7 +201,9 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     table, lines = [], {}
-    for method in args.methods:
+    labels = [label for m in args.methods
+              for label in (m, *(f"{m} ({t})" for t in args.targets if t != "attention"))]
+    for method in labels:  # a label without recorded runs is skipped below
         for keep in args.keeps:
             group = [r for r in rows if r["method"] == method and r["keep"] == keep]
             if not group:
