@@ -91,12 +91,17 @@ def test_target_matches_independent_recompute_with_left_padding(arch, target, gr
     seqs = [torch.randint(0, 97, (n,), generator=gen) for n in (13, 9, 4, 11, 6, 13)]
     ids, mask, pos = _left_padded(seqs)
     with torch.no_grad(), record_routing(model) as rec:
-        out = model(ids, attention_mask=mask, position_ids=pos).logits
+        result = model(ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        out, states = result.logits, result.hidden_states
         for b, s in enumerate(seqs):
             expect = recompute_target(dense, routed, s.unsqueeze(0), 0.5, granularity, target)
             torch.testing.assert_close(out[b][mask[b].bool()], expect[0], atol=3e-5, rtol=1e-5)
     kept = torch.cat([(e.keep & e.real)[e.real] for e in rec.entries])
     assert kept.any() and not kept.all(), "routing should be mixed"
+    if target == "block":  # skipped rows (padding included) leave the block bit-identical
+        for e in rec.entries:
+            skipped = ~e.keep
+            assert torch.equal(states[e.layer_idx + 1][skipped], states[e.layer_idx][skipped])
 
 
 @pytest.mark.parametrize("target", TARGETS)

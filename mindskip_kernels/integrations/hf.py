@@ -3,9 +3,9 @@ Qwen3 causal LMs.
 
 `apply_mindskip` patches chosen decoder layer *instances* (two models in one process don't interfere): each
 gets a zero-initialised `router` (`nn.Linear(hidden, 1, bias=False)`, state-dict key
-`model.layers.{i}.router.weight`, the paper's naming) and a forward whose attention sub-block runs only on
-kept tokens. A forward pre-hook on the base model records the 2-D padding mask, which the decoder layers
-themselves never see.
+`model.layers.{i}.router.weight`, the paper's naming) and a forward whose routed target (the attention
+sub-block by default, or the MLP, or the whole block) runs only on kept tokens. A forward pre-hook on the
+base model records the 2-D padding mask, which the decoder layers themselves never see.
 """
 
 from __future__ import annotations
