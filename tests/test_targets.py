@@ -12,8 +12,8 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.cache import RoutedKVLayer
 from mindskip_kernels.integrations import hf
-from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing
-from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation
+from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
+from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation, run_cache
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
 from tests.test_tuning import RECORDS, saved_model, tokenizer  # noqa: F401 (fixtures of the tune test)
 
@@ -128,6 +128,22 @@ def test_skipped_rows_pass_the_target_unchanged(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fused_norm_equals_the_models_own_norm(target, granularity):
+    model = distinct_norms(tiny_model("mistral"))
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)
+    randomize_routers(model, std=4.0)
+    ids, mask = left_padded_prompts([10, 7, 3], 4)
+    outs = []
+    for fused in (True, False):
+        for layer in mindskip_layers(model).values():
+            layer.mindskip.fuse_norm = fused
+        with torch.no_grad():
+            outs.append(model(ids, attention_mask=mask).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_threshold_zero_is_dense(target):
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (2, 11))
@@ -216,12 +232,20 @@ def test_bad_target_raises_naming_the_argument():
     assert not mindskip_layers(model)
 
 
-def test_mlp_layers_keep_a_dense_cache_layer():
-    model = mk.apply_mindskip(tiny_model("llama"), layers=[0], target="mlp")
+def test_block_cache_holds_only_kept_tokens_and_mlp_layers_a_dense_one():
+    model = mk.apply_mindskip(distinct_norms(tiny_model("llama")), layers=[0], target="mlp")
     mk.apply_mindskip(model, layers=[1], target="block")
     mk.apply_mindskip(model, layers=[2], target="attention")
-    cache = new_cache(model)
+    randomize_routers(model)
+    ids, mask = left_padded_prompts([12, 9, 5])
+    with record_routing(model) as rec:
+        cache = run_cache(model, ids, mask)
     assert [isinstance(layer, RoutedKVLayer) for layer in cache.layers] == [False, True, True, False]
+    assert cache.layers[0].keys.shape[2] == ids.shape[1] + 6, "the MLP target's attention caches every position"
+    kept = {i: sum(((e.keep & e.real).sum(1) for e in rec.entries if e.layer_idx == i), torch.zeros(3)).tolist()
+            for i in (1, 2)}
+    for i in (1, 2):
+        assert cache.layers[i].lengths.tolist() == kept[i] and 0 < sum(kept[i]) < mask.sum() + 3 * 6
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
