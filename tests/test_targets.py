@@ -13,6 +13,7 @@ import mindskip_kernels as mk
 from mindskip_kernels.cache import RoutedKVLayer
 from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
+from tests.harness import backend_params
 from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation, run_cache
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
 from tests.test_tuning import RECORDS, saved_model, tokenizer  # noqa: F401 (fixtures of the tune test)
@@ -317,3 +318,23 @@ def test_cli_tune_target(tmp_path, request):
     assert meta["targets"] == {"1": "block", "2": "block"} and meta["tuning"]["target"] == "block"
     with pytest.raises(SystemExit):
         main(["tune", "--model", str(model_dir), "--data", str(data), "--target", "ffn", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_backend_matches_the_reference_and_generates_like_recompute(backend, target, monkeypatch):
+    """Prefill logits of each backend against the reference backend, and cached greedy decoding (the device
+    path, which the interpreter's Triton takes) == recomputation, through each backend's kernels."""
+    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
+    models = {}
+    for name in ("reference", backend):
+        models[name] = mk.apply_mindskip(distinct_norms(tiny_model("qwen3")), layers=[0, 2], target=target,
+                                         backend=name)
+        torch.manual_seed(6)
+        randomize_routers(models[name])
+    ids, mask = left_padded_prompts([9, 5, 2], 6)
+    with torch.no_grad():
+        expect, got = (models[name](ids, attention_mask=mask).logits for name in ("reference", backend))
+    torch.testing.assert_close(got, expect, atol=3e-5, rtol=1e-5)
+    cached = greedy(models[backend], ids, mask, use_cache=True)
+    torch.testing.assert_close(cached, greedy(models[backend], ids, mask, use_cache=False), rtol=0, atol=0)
