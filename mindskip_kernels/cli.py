@@ -151,12 +151,16 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _export_layers(args: argparse.Namespace) -> int:
-    from mindskip_kernels.integrations.hf import load_routers
+    from mindskip_kernels.integrations.hf import load_routers, mindskip_layers
     from mindskip_kernels.layer_drop import export_layers
     from mindskip_kernels.tuning import evaluate
 
     model, tokenizer = _load(args)
     load_routers(model, args.routers, backend=args.backend)
+    targets = sorted({layer.mindskip.target for layer in mindskip_layers(model).values()})
+    if targets != ["attention"]:
+        raise ValueError(f"export-layers turns attention routers into dropped attention sub-layers; {args.routers} "
+                         f"routes target(s) {targets}")
     rates = evaluate(model, args.data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
     drop = export_layers(rates, n=args.n, keep=args.keep)
     with open(args.out, "w") as f:

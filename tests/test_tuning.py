@@ -276,3 +276,16 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
         assert r0[name].abs().sum() > 0, f"{name} did not train"
+
+
+def test_cli_export_layers_refuses_other_targets(tmp_path, saved_model):
+    from mindskip_kernels.cli import load_model, main
+
+    model, _ = load_model(saved_model)
+    mk.apply_mindskip(model, target="block", backend="reference")
+    mk.save_routers(model, tmp_path / "block")
+    held = tmp_path / "held.txt"
+    held.write_text(TEXT)
+    with pytest.raises(ValueError, match=r"export-layers .* target\(s\) \['block'\]"):
+        main(["export-layers", "--model", str(saved_model), "--routers", str(tmp_path / "block"), "--data",
+              str(held), "--n", "1", "--out", str(tmp_path / "layers.json")])
