@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--keeps", type=float, nargs="+", default=[0.875, 0.75, 0.5])
     p.add_argument("--train-keep", type=float, default=0.75, help="the keep rate the routers train toward")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+seeds-1 (split runs)")
+    p.add_argument("--merge", nargs="+", metavar="CSV", help="only report: the table and PNG of these runs' CSVs")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -119,6 +121,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        rows = []
+        for path in args.merge:
+            with open(path, newline="") as f:
+                rows += [{k: v if k == "method" else int(v) if k == "seed" else float(v) for k, v in r.items()}
+                         for r in csv.DictReader(f)]
+        report(rows, args)
+        return
     if args.smoke:
         args.seeds, args.steps, args.seq_len, args.eval_blocks, args.speed_repeats = 1, 2, 32, 4, 1
         base, train, held = smoke_setup(args.seq_len)
@@ -159,7 +169,7 @@ def main() -> None:
             dropped(sorted(sorted(similarity, key=lambda i: -similarity[i])[:n]), 0, "Attention Drop", keep)
 
     tune_seconds = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for (name, granularity, rule), target in itertools.product(TUNED, args.targets):
             want_export = (rule == "every_token" and granularity == "token" and target == "attention"
                            and "learned layer export" in args.methods)
@@ -196,10 +206,20 @@ def main() -> None:
                 n = round((1.0 - keep) * len(layer_ids))
                 dropped(sorted(rng.sample(layer_ids, n)), seed, "uniform random layers", keep)
 
-    with open(os.path.join(args.out, "quality.csv"), "w", newline="") as f:
+    name = "quality.csv" if args.first_seed == 0 else f"quality-seed{args.first_seed}.csv"
+    with open(os.path.join(args.out, name), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    print(f"\ndense held-out ppl {dense.perplexity:.3f}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
+          f"tokens per tuning run (median {statistics.median(tune_seconds) if tune_seconds else 0:.0f} s on "
+          f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}, sink tokens "
+          f"{args.sink_tokens}")
+    report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    """The table (mean +- std over seeds; speed from seed 0) and the PNG of ppl / dense against keep rate."""
     table, lines = [], {}
     labels = [label for m in args.methods
               for label in (m, *(f"{m} ({t})" for t in args.targets if t != "attention"))]
@@ -212,15 +232,11 @@ def main() -> None:
             achieved = statistics.mean(r["achieved_keep"] for r in group)
             ratio = statistics.mean(r["ppl_over_dense"] for r in group)
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-            fast = next(r["speed_vs_dense"] for r in group if r["seed"] == 0)
+            fast = next((r["speed_vs_dense"] for r in group if r["seed"] == 0), float("nan"))
             table.append([method, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
                           f"{ratio:.3f}", f"{fast:.2f}x", len(group)])
             lines.setdefault(method, []).append((achieved, ratio))
     headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense", "seeds"]
-    print(f"\ndense held-out ppl {dense.perplexity:.3f}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
-          f"tokens per tuning run (median {statistics.median(tune_seconds) if tune_seconds else 0:.0f} s on "
-          f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}, sink tokens "
-          f"{args.sink_tokens}")
     print_table(headers, table)
 
     plt = pyplot()
@@ -231,11 +247,11 @@ def main() -> None:
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="attention keep rate of the routed layers (held-out)", ylabel="held-out perplexity / dense",
            yscale="log", title=f"Router-Tuning vs alternatives ({'smoke' if args.smoke else 'SmolLM2-135M'}, "
-                               f"{args.seeds} seed(s))")
+                               f"{len({r['seed'] for r in rows})} seed(s))")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "quality.png"), dpi=120)
-    print(f"wrote {args.out}/quality.csv and quality.png")
+    print(f"wrote {args.out}/quality.png")
 
 
 if __name__ == "__main__":
