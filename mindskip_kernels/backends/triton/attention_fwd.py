@@ -21,6 +21,19 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
+    """Fold one block of scores qk [M, N] (log2 domain, -inf = masked) and values v [N, D] into the running
+    (acc, l_i, m_i) of the online softmax; rows with no key yet stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, start_n, k_len, diag, offs_m,
                   offs_d, head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
                   FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -42,13 +55,7 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_
     if HAS_KEEP:
         kept = tl.load(keep_base + cols, mask=cols < k_len, other=0) != 0
         qk = tl.where(kept[None, :] | (cols[None, :] == offs_m[:, None] + diag), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
-    p = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, l_i, m_new
+    return online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
 
 
 @triton.jit

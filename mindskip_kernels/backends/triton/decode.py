@@ -16,7 +16,12 @@ import triton.language as tl
 
 from mindskip_kernels.backends._alloc import empty
 from mindskip_kernels.backends.triton._common import INTERPRET, dot_precision, fix_bf16, pow2, rounded
-from mindskip_kernels.backends.triton.attention_fwd import LOG2E, contiguous_last, head_dim_block
+from mindskip_kernels.backends.triton.attention_fwd import (
+    LOG2E,
+    contiguous_last,
+    head_dim_block,
+    online_softmax_step,
+)
 
 BLOCK_N = 64
 MIN_SPLIT = 2 * BLOCK_N
@@ -31,6 +36,24 @@ def _cache_rows(table_ptr, stride_tb, seq, cols, col_ok, block_size, n_blocks, P
         block = tl.minimum(tl.maximum(block, 0), n_blocks - 1)
         return block.to(tl.int64), (cols % block_size).to(tl.int64)
     return seq.to(tl.int64) + tl.zeros_like(cols).to(tl.int64), cols.to(tl.int64)
+
+
+@triton.jit
+def _load_kv(k_ptr, v_ptr, table_ptr, stride_tb, seq, kv_head, cols, col_ok, offs_d, head_dim, block_size, n_blocks,
+             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGED: tl.constexpr,
+             FIX_BF16: tl.constexpr):
+    """K and V tiles [BLOCK_N, BLOCK_D] of rows `cols` of sequence `seq`, one KV head; rows past the length
+    (col_ok False) are never loaded."""
+    block, row = _cache_rows(table_ptr, stride_tb, seq, cols, col_ok, block_size, n_blocks, PAGED)
+    kv_ok = col_ok[:, None] & (offs_d < head_dim)[None, :]
+    k = tl.load(k_ptr + (block * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + (block * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    if FIX_BF16:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
 
 
 @triton.jit
@@ -59,22 +82,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, part_o_ptr, p
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        block, row = _cache_rows(table_ptr, stride_tb, seq, cols, col_ok, block_size, n_blocks, PAGED)
-        kv_ok = col_ok[:, None] & (offs_d < head_dim)[None, :]  # rows past the length are never loaded
-        k = tl.load(k_ptr + (block * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + (block * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        if FIX_BF16:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, table_ptr, stride_tb, seq, kv_head, cols, col_ok, offs_d, head_dim, block_size,
+                        n_blocks, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGED, FIX_BF16)
         qk = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     seen = l_i > 0.0
     part = (seq.to(tl.int64) * n_heads + heads) * n_splits + split
     tl.store(part_o_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None],
@@ -136,26 +147,13 @@ def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, lens_ptr, table_p
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        block, row = _cache_rows(table_ptr, stride_tb, seq, cols, col_ok, block_size, n_blocks, True)
-        kv_ok = col_ok[:, None] & (offs_d < head_dim)[None, :]  # rows past the length are never loaded
-        k = tl.load(k_ptr + (block * stride_kb + row * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + (block * stride_vb + row * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        if FIX_BF16:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, table_ptr, stride_tb, seq, kv_head, cols, col_ok, offs_d, head_dim, block_size,
+                        n_blocks, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, True, FIX_BF16)
         allowed = col_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
         qk = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              rounded(out, o_ptr.dtype.element_ty, FIX_BF16), mask=q_ok)
