@@ -53,6 +53,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return out.flatten(1)
 
 
+def straight_through_gate(plan: RoutingPlan, attention_mask: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hard decision as a gate [B, N] (value exactly 0 or 1) whose gradient passes straight through to
+    the score (d gate / d score = 1), and the fraction of real tokens kept, carrying that gradient."""
+    real = torch.ones_like(plan.keep) if attention_mask is None else attention_mask != 0
+    gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
+    return gate, (gate * real).sum() / real.sum().clamp_min(1)
+
+
 def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, *,
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -83,11 +92,7 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
-    gate = keep_rate = None
-    if training:
-        real = torch.ones_like(plan.keep) if attention_mask is None else attention_mask != 0
-        gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
-        keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+    gate, keep_rate = straight_through_gate(plan, attention_mask) if training else (None, None)
     if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
         return base.clone(), plan, keep_rate
     values = attend(gather(z, plan, norm=norm, backend=backend), plan)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mindskip_kernels import _checks as check
-from mindskip_kernels.attention import apply_rope, packed_attention, routed_update
+from mindskip_kernels.attention import apply_rope, packed_attention, routed_update, straight_through_gate
 from mindskip_kernels.backends import module as backend_module
 from mindskip_kernels.backends import resolve
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
@@ -311,9 +311,7 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
         out = attn.o_proj(out.transpose(1, 2).flatten(2))
         if st.target == "block":
             out = _block_out(layer, x, out)
-    real = torch.ones_like(plan.keep) if pad is None else pad != 0
-    gate = plan.keep.to(plan.scores.dtype) + (plan.scores - plan.scores.detach())
-    keep_rate = (gate * real).sum() / real.sum().clamp_min(1)
+    gate, keep_rate = straight_through_gate(plan, pad)
     return x + gate.unsqueeze(-1).to(out.dtype) * out, plan, keep_rate
 
 
