@@ -12,12 +12,13 @@ prefill speed vs dense measured in the same process (interleaved, median). Metho
   toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points); token
   routing keeps the first --sink-tokens tokens of each block (attention sinks, as `mindskip tune` does);
 - paper rule: the same with rule="paper" (only kept tokens attend and carry the gradient);
-- learned layer export: drop the attention of the layers whose tuned (token) keep rate is lowest;
-- Attention Drop: training-free, drop the layers with the highest input/output cosine similarity;
+- learned layer export: drop the target sub-layer of the layers whose tuned (token) keep rate is lowest;
+- training-free drop (Attention / MLP / Block Drop): drop the layers whose target sub-layer has the highest
+  input/output cosine similarity;
 - uniform random layers: drop randomly chosen routed layers (a new draw per seed);
 - untuned routers: random router weights, one threshold calibrated to the keep rate.
-With --targets attention mlp block the tuned methods also route the MLP / the whole block (rows "<method>
-(mlp)", "<method> (block)"; the keep rate is then that of the routed MLPs / blocks): the paper's Table 1.
+--targets attention mlp block runs every method on each routed target (rows "<method> (mlp)", "<method>
+(block)", "MLP Drop", "Block Drop"; the keep rate is then that of the routed MLPs / blocks): the paper's Table 1.
 Writes CSV, a markdown table and a PNG (ppl / dense against keep rate) into --out.
 """
 
@@ -42,14 +43,22 @@ import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
-from mindskip_kernels.layer_drop import attention_similarity, drop_attention, export_layers  # noqa: E402
+from mindskip_kernels.layer_drop import drop_sublayers, export_layers, most_similar, sublayer_similarity  # noqa: E402
 from mindskip_kernels.tuning import calibrate, evaluate, router_tune  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TUNED = (("tuned token routers", "token", "every_token"), ("tuned sequence routers", "sequence", "every_token"),
          ("paper rule (token)", "token", "paper"))
-STATIC = ("learned layer export", "Attention Drop", "uniform random layers")
+STATIC = ("learned layer export", "training-free drop", "uniform random layers")
 METHODS = (*(t[0] for t in TUNED), *STATIC, "untuned routers")
+DROP_NAMES = {"attention": "Attention Drop", "mlp": "MLP Drop", "block": "Block Drop"}
+
+
+def label(method: str, target: str) -> str:
+    """A table row's name: the method, with its target unless that is attention (the paper's choice)."""
+    if method == "training-free drop":
+        return DROP_NAMES[target]
+    return method if target == "attention" else f"{method} ({target})"
 
 
 def corpus() -> tuple[str, str]:
@@ -158,53 +167,57 @@ def main() -> None:
         print(f"  {method:24} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), speed {fast:.2f}x", flush=True)
 
-    def dropped(layers: list[int], seed: int, method: str, keep: float) -> None:
-        model = drop_attention(copy.deepcopy(base), layers)
-        record(method, keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids))
+    def dropped(layers: list[int], seed: int, name: str, keep: float, target: str) -> None:
+        model = drop_sublayers(copy.deepcopy(base), layers, target)
+        record(name, keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids))
 
-    if "Attention Drop" in args.methods:  # training-free and deterministic: one "seed"
-        similarity = attention_similarity(base, calib, layers=layer_ids)
-        for keep in args.keeps:
-            n = round((1.0 - keep) * len(layer_ids))
-            dropped(sorted(sorted(similarity, key=lambda i: -similarity[i])[:n]), 0, "Attention Drop", keep)
+    if "training-free drop" in args.methods:  # deterministic: one "seed"
+        for target in args.targets:
+            similarity = sublayer_similarity(base, calib, target=target, layers=layer_ids)
+            for keep in args.keeps:
+                dropped(most_similar(similarity, keep=keep), 0, label("training-free drop", target), keep, target)
 
     tune_seconds = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for (name, granularity, rule), target in itertools.product(TUNED, args.targets):
-            want_export = (rule == "every_token" and granularity == "token" and target == "attention"
-                           and "learned layer export" in args.methods)
-            if name not in args.methods and not want_export:
-                continue
-            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
-                                      backend=args.backend, sink_tokens=args.sink_tokens, target=target)
-            t0 = time.perf_counter()
-            router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, calibration=calib, seed=seed, progress=False)
-            tune_seconds.append(time.perf_counter() - t0)
-            for keep in args.keeps:
-                calibrate(model, calib, keep, progress=False)
-                if name in args.methods:
-                    record(name if target == "attention" else f"{name} ({target})", keep, seed, model)
-                if want_export:
-                    rates = evaluate(model, calib).keep_rates
-                    dropped(export_layers(rates, keep=keep), seed, "learned layer export", keep)
-            del model
-        if "untuned routers" in args.methods:
-            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
-                                      sink_tokens=args.sink_tokens)
-            gen = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for layer in mindskip_layers(model).values():
-                    bound = layer.router.weight.shape[1] ** -0.5  # nn.Linear's default init
-                    layer.router.weight.copy_(torch.rand(layer.router.weight.shape, generator=gen) * 2 * bound - bound)
-            for keep in args.keeps:
-                calibrate(model, calib, keep, progress=False)
-                record("untuned routers", keep, seed, model)
-        if "uniform random layers" in args.methods:
-            rng = random.Random(seed)
-            for keep in args.keeps:
-                n = round((1.0 - keep) * len(layer_ids))
-                dropped(sorted(rng.sample(layer_ids, n)), seed, "uniform random layers", keep)
+        for target in args.targets:
+            for name, granularity, rule in TUNED:
+                want_export = (rule == "every_token" and granularity == "token"
+                               and "learned layer export" in args.methods)
+                if name not in args.methods and not want_export:
+                    continue
+                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
+                                          backend=args.backend, sink_tokens=args.sink_tokens, target=target)
+                t0 = time.perf_counter()
+                router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, calibration=calib, seed=seed, progress=False)
+                tune_seconds.append(time.perf_counter() - t0)
+                for keep in args.keeps:
+                    calibrate(model, calib, keep, progress=False)
+                    if name in args.methods:
+                        record(label(name, target), keep, seed, model)
+                    if want_export:
+                        rates = evaluate(model, calib).keep_rates
+                        dropped(export_layers(rates, keep=keep), seed, label("learned layer export", target), keep,
+                                target)
+                del model
+            if "untuned routers" in args.methods:
+                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                          sink_tokens=args.sink_tokens, target=target)
+                gen = torch.Generator().manual_seed(seed)
+                with torch.no_grad():
+                    for layer in mindskip_layers(model).values():
+                        bound = layer.router.weight.shape[1] ** -0.5  # nn.Linear's default init
+                        layer.router.weight.copy_(torch.rand(layer.router.weight.shape, generator=gen) * 2 * bound
+                                                  - bound)
+                for keep in args.keeps:
+                    calibrate(model, calib, keep, progress=False)
+                    record(label("untuned routers", target), keep, seed, model)
+            if "uniform random layers" in args.methods:
+                rng = random.Random(seed)
+                for keep in args.keeps:
+                    n = round((1.0 - keep) * len(layer_ids))
+                    dropped(sorted(rng.sample(layer_ids, n)), seed, label("uniform random layers", target), keep,
+                            target)
 
     name = "quality.csv" if args.first_seed == 0 else f"quality-seed{args.first_seed}.csv"
     with open(os.path.join(args.out, name), "w", newline="") as f:
@@ -221,11 +234,10 @@ def main() -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     """The table (mean +- std over seeds; speed from seed 0) and the PNG of ppl / dense against keep rate."""
     table, lines = [], {}
-    labels = [label for m in args.methods
-              for label in (m, *(f"{m} ({t})" for t in args.targets if t != "attention"))]
-    for method in labels:  # a label without recorded runs is skipped below
+    for target, method in itertools.product(args.targets, args.methods):  # a row without runs is skipped
+        name = label(method, target)
         for keep in args.keeps:
-            group = [r for r in rows if r["method"] == method and r["keep"] == keep]
+            group = [r for r in rows if r["method"] == name and r["keep"] == keep]
             if not group:
                 continue
             ppl = [r["ppl"] for r in group]
@@ -233,22 +245,24 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             ratio = statistics.mean(r["ppl_over_dense"] for r in group)
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
             fast = next((r["speed_vs_dense"] for r in group if r["seed"] == 0), float("nan"))
-            table.append([method, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
+            table.append([name, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
                           f"{ratio:.3f}", f"{fast:.2f}x", len(group)])
-            lines.setdefault(method, []).append((achieved, ratio))
+            lines.setdefault(target, {}).setdefault(name, []).append((achieved, ratio))
     headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense", "seeds"]
     print_table(headers, table)
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, points in lines.items():
-        points.sort()
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="attention keep rate of the routed layers (held-out)", ylabel="held-out perplexity / dense",
-           yscale="log", title=f"Router-Tuning vs alternatives ({'smoke' if args.smoke else 'SmolLM2-135M'}, "
-                               f"{len({r['seed'] for r in rows})} seed(s))")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(lines), figsize=(6 * len(lines), 4.5), sharey=True, squeeze=False)
+    for ax, (target, methods) in zip(axes[0], lines.items(), strict=True):
+        for name, points in methods.items():
+            points.sort()
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set(xlabel=f"{target} keep rate of the routed layers (held-out)", yscale="log", title=f"target: {target}")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out perplexity / dense")
+    fig.suptitle(f"Router-Tuning vs alternatives ({'smoke' if args.smoke else 'SmolLM2-135M'}, "
+                 f"{len({r['seed'] for r in rows})} seed(s))")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "quality.png"), dpi=120)
     print(f"wrote {args.out}/quality.png")

@@ -158,14 +158,14 @@ def _export_layers(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     load_routers(model, args.routers, backend=args.backend)
     targets = sorted({layer.mindskip.target for layer in mindskip_layers(model).values()})
-    if targets != ["attention"]:
-        raise ValueError(f"export-layers turns attention routers into dropped attention sub-layers; {args.routers} "
-                         f"routes target(s) {targets}")
+    if len(targets) != 1:
+        raise ValueError(f"export-layers exports the routers of one target; {args.routers} routes {targets}")
     rates = evaluate(model, args.data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
     drop = export_layers(rates, n=args.n, keep=args.keep)
     with open(args.out, "w") as f:
-        json.dump({"drop_attention": drop, "learned_keep_rates": {str(i): r for i, r in rates.items()}}, f, indent=2)
-    print(f"drop the attention of layers {drop} (learned keep rates "
+        json.dump({"target": targets[0], "drop": drop, "learned_keep_rates": {str(i): r for i, r in rates.items()}},
+                  f, indent=2)
+    print(f"drop the {targets[0]} of layers {drop} (learned keep rates "
           + ", ".join(f"{i}: {r:.2f}" for i, r in rates.items()) + f"); wrote {args.out}")
     return 0
 
@@ -173,9 +173,15 @@ def _export_layers(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mindskip_kernels.data import as_items
     from mindskip_kernels.integrations.hf import load_routers
-    from mindskip_kernels.layer_drop import drop_attention
+    from mindskip_kernels.layer_drop import drop_sublayers
     from mindskip_kernels.tuning import evaluate
 
+    if args.drop_layers:  # checked before any work
+        with open(args.drop_layers) as f:
+            spec = json.load(f)
+        if not isinstance(spec, dict) or not {"target", "drop"} <= set(spec):
+            raise ValueError(f"--drop-layers {args.drop_layers}: expected the JSON of `mindskip export-layers` "
+                             "({'target': ..., 'drop': [layers], ...})")
     model, tokenizer = _load(args)
     items = as_items(args.data, tokenizer, args.max_length)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -185,8 +191,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.routers:
             load_routers(model, args.routers, backend=args.backend)
         else:
-            with open(args.drop_layers) as f:
-                drop_attention(model, json.load(f)["drop_attention"])
+            drop_sublayers(model, spec["drop"], spec["target"])
         routed = evaluate(model, items, batch_size=args.batch_size)
     name = "mindskip" if args.routers else "dropped"
     print(f"{'':10}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}")
@@ -253,13 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="directory for the recalibrated routers")
     cal.set_defaults(func=_calibrate)
 
-    exp = sub.add_parser("export-layers", help="tuned routers -> a static list of attention layers to drop")
+    exp = sub.add_parser("export-layers", help="tuned routers -> a static list of sub-layers to drop")
     _add_model(exp, "data on which the routers' per-layer keep rates are measured")
     exp.add_argument("--routers", required=True, help="directory written by `mindskip tune`")
     group = exp.add_mutually_exclusive_group()
     group.add_argument("--keep", type=_keep, default=None, help="fraction of routed layers to keep")
     group.add_argument("--n", type=int, default=None, help="number of layers to drop")
-    exp.add_argument("--out", required=True, help="JSON file: {'drop_attention': [layers], ...}")
+    exp.add_argument("--out", required=True, help="JSON file: {'target': t, 'drop': [layers], ...}")
     exp.set_defaults(func=_export_layers)
 
     ev = sub.add_parser("eval", help="perplexity, keep rate per layer and speed vs dense")

@@ -1,12 +1,14 @@
-"""Static whole-layer attention drop: no routing at run time, a fixed set of attention sub-layers removed.
+"""Static whole-layer drop: no routing at run time, a fixed set of sub-layers removed (attention, MLP or block).
 
 Two ways to choose the layers, both over the routable layers of a transformers causal LM:
-- `attention_drop`: training-free Attention Drop (He et al. 2024, "What Matters in Transformers? Not All
-  Attention Is Needed"): drop the attention sub-layers whose output changes the residual stream least, i.e.
-  with the highest cosine similarity between the sub-layer's input and output on calibration data.
+- `layer_drop`: the training-free drops of He et al. 2024 ("What Matters in Transformers? Not All Attention Is
+  Needed"): Attention Drop, MLP Drop and Block Drop remove the target sub-layers whose output changes the
+  residual stream least, i.e. with the highest cosine similarity between the sub-layer's input x and its
+  output x + f(x) (for the block: its input and output) on calibration data.
 - `export_layers`: from tuned MindSkip routers, drop the layers whose learned keep rate is lowest (or, without
   a target, those whose keep rate rounds to 0).
-`drop_attention` applies a choice; a dropped layer runs `h = x; y = h + MLP(LN2(h))`.
+`drop_sublayers` applies a choice. The dropped forward of a layer, by target:
+attention -> x + MLP(LN2(x)); mlp -> x + Attn(LN1(x)); block -> x.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def _candidates(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     return _choose_layers(len(_layers(model)), None if layers is None else list(layers))
 
 
+def _check_target(target: str) -> None:
+    from mindskip_kernels.integrations.hf import TARGETS
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
 def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
     if (n is None) == (keep is None):
         raise ValueError("give exactly one of n (layers to drop) and keep (fraction of candidate layers to keep)")
@@ -45,16 +54,25 @@ def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
 
 
 def _attention_free_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Decoder layer forward without its attention sub-layer: the MLP block only."""
+    """Decoder layer forward without its attention sub-layer: the MLP sub-layer only."""
     return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def drop_attention(model: nn.Module, layers: Sequence[int]) -> nn.Module:
-    """Remove the attention sub-layer of the given decoder layers (in place; the model is returned).
+def _block_free_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Decoder layer forward without the layer: the residual stream passes unchanged."""
+    return hidden_states
 
-    Layers patched by `apply_mindskip` cannot be dropped (remove the routing choice first: reload the model).
-    A dropped layer stores no K/V; generation with a cache needs layer 0 to keep its attention (transformers
-    reads the cache length from it)."""
+
+def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "attention") -> nn.Module:
+    """Remove the `target` sub-layer ("attention", "mlp" or the whole "block") of the given decoder layers (in
+    place; the model is returned).
+
+    Layers patched by `apply_mindskip` or already dropped cannot be dropped (reload the model). A layer whose
+    attention is dropped ("attention", "block") stores no K/V; generation with a cache needs layer 0 to keep its
+    attention (transformers reads the cache length from it)."""
+    from mindskip_kernels.integrations.hf import _dense_attention
+
+    _check_target(target)
     all_layers = _layers(model)
     chosen = sorted({int(i) for i in layers})
     bad = [i for i in chosen if not 0 <= i < len(all_layers)]
@@ -62,23 +80,30 @@ def drop_attention(model: nn.Module, layers: Sequence[int]) -> nn.Module:
         raise ValueError(f"layers must be decoder layer indices in [0, {len(all_layers) - 1}], got {bad}")
     routed = [i for i in chosen if hasattr(all_layers[i], "mindskip")]
     if routed:
-        raise ValueError(f"layers {routed} are routed by apply_mindskip; drop attention on an unrouted model")
+        raise ValueError(f"layers {routed} are routed by apply_mindskip; drop sub-layers of an unrouted model")
+    again = [i for i in chosen if hasattr(all_layers[i], "dropped")]
+    if again:
+        raise ValueError(f"layers {again} are already dropped; drop sub-layers of a freshly loaded model")
+    forward = {"attention": _attention_free_forward, "mlp": _dense_attention, "block": _block_free_forward}[target]
     for i in chosen:
-        all_layers[i].forward = types.MethodType(_attention_free_forward, all_layers[i])
-        all_layers[i].attention_dropped = True
+        all_layers[i].forward = types.MethodType(forward, all_layers[i])
+        all_layers[i].dropped = target
     return model
 
 
-def dropped_layers(model: nn.Module) -> list[int]:
-    """Indices of the decoder layers whose attention `drop_attention` removed."""
-    return [i for i, layer in enumerate(_layers(model)) if getattr(layer, "attention_dropped", False)]
+def dropped_layers(model: nn.Module) -> dict[int, str]:
+    """{decoder layer index: dropped target} for the layers `drop_sublayers` changed."""
+    return {i: layer.dropped for i, layer in enumerate(_layers(model)) if hasattr(layer, "dropped")}
 
 
 @torch.no_grad()
-def attention_similarity(model: nn.Module, data: Data, tokenizer=None, *, layers: Sequence[int] | None = None,
-                         batch_size: int = 4, max_length: int = 512) -> dict[int, float]:
-    """Mean cosine similarity, over real tokens, between each candidate attention sub-layer's input x and its
-    output x + Attn(LN1(x)) (1 = the sub-layer barely changes the residual stream)."""
+def sublayer_similarity(model: nn.Module, data: Data, tokenizer=None, *, target: str = "attention",
+                        layers: Sequence[int] | None = None, batch_size: int = 4,
+                        max_length: int = 512) -> dict[int, float]:
+    """Mean cosine similarity, over real tokens, between each candidate `target` sub-layer's input x and its
+    output (x + Attn(LN1(x)), x + MLP(LN2(x)) or the block's output; 1 = it barely changes the residual
+    stream)."""
+    _check_target(target)
     candidates = _candidates(model, layers)
     items = as_items(data, tokenizer, max_length)
     all_layers = _layers(model)
@@ -95,16 +120,19 @@ def attention_similarity(model: nn.Module, data: Data, tokenizer=None, *, layers
 
     def post(i):
         def hook(module, args, output):
-            attn_out = output[0] if isinstance(output, tuple) else output
+            out = output[0] if isinstance(output, tuple) else output
             x = inputs.pop(i)
-            cos = nn.functional.cosine_similarity(x.float(), (x + attn_out).float(), dim=-1)
-            sums[i] += float(cos[mask[0]].sum())
+            y = out if target == "block" else x + out
+            sums[i] += float(nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)[mask[0]].sum())
         return hook
 
     handles = []
     for i in candidates:
-        handles.append(all_layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(all_layers[i].self_attn.register_forward_hook(post(i)))
+        layer = all_layers[i]
+        source, sink = {"attention": (layer, layer.self_attn), "mlp": (layer.post_attention_layernorm, layer.mlp),
+                        "block": (layer, layer)}[target]
+        handles.append(source.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(sink.register_forward_hook(post(i)))
     was_training = model.training
     model.eval()
     try:
@@ -121,16 +149,23 @@ def attention_similarity(model: nn.Module, data: Data, tokenizer=None, *, layers
     return {i: s / max(total, 1) for i, s in sums.items()}
 
 
-def attention_drop(model: nn.Module, data: Data, tokenizer=None, *, n: int | None = None, keep: float | None = None,
-                   layers: Sequence[int] | None = None, batch_size: int = 4, max_length: int = 512) -> list[int]:
-    """Training-free Attention Drop: remove the `n` attention sub-layers (or all but the fraction `keep`) with
-    the highest input/output cosine similarity on `data`, among `layers` (default: the paper's routed layers).
-    Returns the dropped layer indices, ascending."""
-    similarity = attention_similarity(model, data, tokenizer, layers=layers, batch_size=batch_size,
-                                      max_length=max_length)
+def most_similar(similarity: dict[int, float], *, n: int | None = None, keep: float | None = None) -> list[int]:
+    """The `n` layers (or all but the fraction `keep`) with the highest similarity, ascending (ties: lower
+    index first): the training-free drop's choice."""
     count = _n_drop(n, keep, len(similarity))
-    chosen = sorted(sorted(similarity, key=lambda i: -similarity[i])[:count])
-    drop_attention(model, chosen)
+    return sorted(sorted(similarity, key=lambda i: (-similarity[i], i))[:count])
+
+
+def layer_drop(model: nn.Module, data: Data, tokenizer=None, *, target: str = "attention", n: int | None = None,
+               keep: float | None = None, layers: Sequence[int] | None = None, batch_size: int = 4,
+               max_length: int = 512) -> list[int]:
+    """Training-free Attention / MLP / Block Drop: remove the `n` `target` sub-layers (or all but the fraction
+    `keep`) with the highest input/output cosine similarity on `data`, among `layers` (default: the paper's
+    routed layers). Returns the dropped layer indices, ascending."""
+    similarity = sublayer_similarity(model, data, tokenizer, target=target, layers=layers, batch_size=batch_size,
+                                     max_length=max_length)
+    chosen = most_similar(similarity, n=n, keep=keep)
+    drop_sublayers(model, chosen, target)
     return chosen
 
 

@@ -231,9 +231,9 @@ def test_cli_tune_calibrate_export_eval(tmp_path, saved_model, capsys):
     main(["export-layers", "--model", str(saved_model), "--routers", str(recal), "--data", str(held), "--n", "1",
           "--max-length", "32", "--backend", "reference", "--out", str(layers_file)])
     exported = json.loads(layers_file.read_text())
-    assert len(exported["drop_attention"]) == 1 and set(exported["learned_keep_rates"]) == {"1", "2"}
+    assert exported["target"] == "attention" and set(exported["learned_keep_rates"]) == {"1", "2"}
     low = min(exported["learned_keep_rates"], key=exported["learned_keep_rates"].get)
-    assert exported["drop_attention"] == [int(low)]
+    assert exported["drop"] == [int(low)]
     capsys.readouterr()
     for what in (["--routers", str(recal)], ["--drop-layers", str(layers_file)]):
         main(["eval", "--model", str(saved_model), *what, "--data", str(held), "--max-length", "32",
@@ -278,7 +278,7 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
         assert r0[name].abs().sum() > 0, f"{name} did not train"
 
 
-def test_cli_export_layers_refuses_other_targets(tmp_path, saved_model):
+def test_cli_export_layers_of_the_block_target_and_eval(tmp_path, saved_model, capsys):
     from mindskip_kernels.cli import load_model, main
 
     model, _ = load_model(saved_model)
@@ -286,6 +286,16 @@ def test_cli_export_layers_refuses_other_targets(tmp_path, saved_model):
     mk.save_routers(model, tmp_path / "block")
     held = tmp_path / "held.txt"
     held.write_text(TEXT)
-    with pytest.raises(ValueError, match=r"export-layers .* target\(s\) \['block'\]"):
-        main(["export-layers", "--model", str(saved_model), "--routers", str(tmp_path / "block"), "--data",
-              str(held), "--n", "1", "--out", str(tmp_path / "layers.json")])
+    layers_file = tmp_path / "layers.json"
+    main(["export-layers", "--model", str(saved_model), "--routers", str(tmp_path / "block"), "--data",
+          str(held), "--n", "1", "--max-length", "32", "--out", str(layers_file)])
+    exported = json.loads(layers_file.read_text())
+    assert exported["target"] == "block" and len(exported["drop"]) == 1
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({"drop_attention": [1]}))
+    with pytest.raises(ValueError, match=r"--drop-layers .*old.json: expected"):
+        main(["eval", "--model", str(saved_model), "--drop-layers", str(bad), "--data", str(held)])
+    capsys.readouterr()
+    main(["eval", "--model", str(saved_model), "--drop-layers", str(layers_file), "--data", str(held),
+          "--max-length", "32"])
+    assert "dropped" in capsys.readouterr().out
