@@ -1,7 +1,7 @@
 """Graph-ready decode, proved on the CPU with the code path CUDA runs (no device-type branch in it): the routed
 decoder layer's decode step compiles with torch.compile(fullgraph=True), and one decode step of a patched
 tiny Llama reads no more tensor data on the host than the dense model's (zero added), at token and
-sequence granularity."""
+sequence granularity, for every routed target."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations import hf
-from mindskip_kernels.integrations.hf import new_cache, record_routing
+from mindskip_kernels.integrations.hf import TARGETS, new_cache, record_routing
 from tests.test_generate import left_padded_prompts
 from tests.test_hf import randomize_routers, tiny_model
 
@@ -78,9 +78,9 @@ def _decode_setup(model, cache, steps: int = 2):
     return {"input_ids": nxt, "attention_mask": mask, "position_ids": pos, "cache": cache, "use_cache": True}
 
 
-def _patched(granularity: str, backend: str = "auto"):
+def _patched(granularity: str, backend: str = "auto", target: str = "attention"):
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend)
+    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target)
     torch.manual_seed(2)
     randomize_routers(model, std=4.0)
     return model
@@ -98,8 +98,9 @@ def count_host_reads(model, inputs) -> list[str]:
 
 
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_decode_step_adds_no_host_reads(granularity):
-    model = _patched(granularity)
+@pytest.mark.parametrize("target", TARGETS)
+def test_decode_step_adds_no_host_reads(granularity, target):
+    model = _patched(granularity, target=target)
     with record_routing(model) as rec:
         inputs = _decode_setup(model, _fixed_cache(model))
     keep = torch.cat([e.keep for e in rec.entries[-len(ROUTED):]])  # the last decode step's decisions
@@ -142,10 +143,12 @@ def test_host_read_counter_sees_reads():
 
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-def test_routed_decode_layer_compiles_fullgraph(granularity, backend):
+@pytest.mark.parametrize("target", TARGETS)
+def test_routed_decode_layer_compiles_fullgraph(granularity, backend, target):
     """The routed decoder layer's decode step (router flag, paged append, paged decode attention, predicated
-    add, MLP) traces into one graph, and gives what eager gives, cache state included."""
-    model = _patched(granularity, backend)
+    add, MLP; for the MLP target attention with its dense cache layer, then the routed MLP) traces into one
+    graph, and gives what eager gives, cache state included."""
+    model = _patched(granularity, backend, target)
     cache_eager = _fixed_cache(model)
     inputs = _decode_setup(model, cache_eager)
     cache_compiled = copy.deepcopy(cache_eager)
@@ -164,7 +167,10 @@ def test_routed_decode_layer_compiles_fullgraph(granularity, backend):
         expect = step(hidden, *pe, cache_eager)
         got = compiled(hidden, *pe, cache_compiled)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
-    for a, b in ((cache_eager.layers[1], cache_compiled.layers[1]),):
+    a, b = cache_eager.layers[1], cache_compiled.layers[1]
+    if target == "mlp":  # attention's ordinary cache layer
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    else:
         assert torch.equal(a.lengths, b.lengths) and torch.equal(a.block_table, b.block_table)
         assert torch.equal(a.pool.next_block, b.pool.next_block)
 

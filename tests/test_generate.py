@@ -12,7 +12,7 @@ import mindskip_kernels as mk
 from mindskip_kernels.backends import available
 from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.integrations import hf
-from mindskip_kernels.integrations.hf import mindskip_layers, new_cache, record_routing
+from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing
 from mindskip_kernels.kv_pool import PoolFullError
 from tests.harness import backend_params
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
@@ -116,9 +116,11 @@ def test_cached_equals_recompute_every_backend(backend, granularity, host_compac
 
 
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity, monkeypatch):
-    """Batch 1 on the device path with Triton: the q/k/v/o projections of every decode step go through the
-    predicated GEMV (a skipped step reads no weight), and cached generation still equals recomputation."""
+@pytest.mark.parametrize("target", TARGETS)
+def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity, target, monkeypatch):
+    """Batch 1 on the device path with Triton: the routed sub-layer's projections of every decode step (q/k/v/o,
+    gate/up/down) go through the predicated GEMV (a skipped step reads no weight), and cached generation still
+    equals recomputation."""
     if not available()["triton"]:
         pytest.skip("backend 'triton' not available in this install")
     from mindskip_kernels.backends import triton as tri
@@ -128,13 +130,14 @@ def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity,
     monkeypatch.setattr(tri, "predicated_linear", lambda *a: calls.append(bool(a[3].all())) or real(*a))
     monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, backend="triton")
+    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, backend="triton", target=target)
     torch.manual_seed(3)
     randomize_routers(model, std=4.0)
     ids = torch.randint(1, 97, (1, 7))
     mask = torch.ones_like(ids)
     cached = greedy(model, ids, mask, use_cache=True)
-    assert len(calls) == 4 * 2 * (NEW - 1), "q, k, v, o of both routed layers in every decode step"
+    per_layer = {"attention": 4, "mlp": 3, "block": 7}[target]
+    assert len(calls) == per_layer * 2 * (NEW - 1), "every projection of both routed layers in every decode step"
     if granularity == "token":
         assert any(calls) and not all(calls), "decode steps should both keep and skip"
         torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)

@@ -241,10 +241,18 @@ def _router_norm(layer: nn.Module) -> nn.Module:
     return layer.post_attention_layernorm if layer.mindskip.target == "mlp" else layer.input_layernorm
 
 
-def _block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def _mlp_rows(mlp: nn.Module, x: torch.Tensor, project=None) -> torch.Tensor:
+    """The MLP on rows x; with `project` (a decode step's predicated GEMV) its gate/up/down projections (the
+    Llama / Mistral / Qwen form) read no weight for a skipped row."""
+    if project is None:
+        return mlp(x)
+    return project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+
+
+def _block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, project=None) -> torch.Tensor:
     """The decoder block's contribution on rows x given its attention output: attn + mlp(ln2(x + attn)), so that
     x + g * out is the block at g = 1 and x at g = 0."""
-    return attn_out + layer.mlp(layer.post_attention_layernorm(x + attn_out))
+    return attn_out + _mlp_rows(layer.mlp, layer.post_attention_layernorm(x + attn_out), project)
 
 
 def _sublayer_fn(layer: nn.Module, x: torch.Tensor, attend):
@@ -337,46 +345,83 @@ def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor):
 HOST_COMPACT_ON_CPU = True
 
 
-def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.Tensor, real: torch.Tensor | None,
-                        sinks: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                        layer_cache: RoutedKVLayer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One new token per sequence. The device path has fixed shapes and no host read: every row goes through
-    with a device keep flag [B] (the router's, or the stored sequence decision), kept rows append K/V and
-    attend over their paged cache, skipped rows take no slot, read no cache, and stay bit-identical (the add
-    is predicated on the flag). Returns (out, router scores [B, 1] or None for a stored decision, keep [B])."""
+def _decode_keep(self: nn.Module, z: torch.Tensor, real: torch.Tensor | None, sinks: torch.Tensor | None,
+                 decision: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """A decode step's device keep flag, no host read: the stored sequence decision [B] where there is one, else
+    the router's on z [B, 1, D] (sinks forced). Returns (router scores [B, 1] or None, keep [B] over real rows,
+    the decision to store: the flag for sequence granularity, else None)."""
     st: LayerState = self.mindskip
-    batch = hidden_states.shape[0]
     scores = None
-    if layer_cache.decision is not None:  # sequence granularity: the prefill decision, on the device
-        keep = layer_cache.decision
+    if decision is not None:
+        keep = decision
     else:
-        mask = torch.ones(batch, 1, dtype=torch.bool, device=z.device) if real is None else real
+        mask = torch.ones(z.shape[0], 1, dtype=torch.bool, device=z.device) if real is None else real
         router = resolve(st.backend, "router", z.device, z.dtype)
         scores, keep = router.router(z, self.router.weight, mask, st.threshold, st.granularity)
         keep = keep[:, 0] if sinks is None else keep[:, 0] | sinks[:, 0]
         if st.granularity == "sequence":
-            layer_cache.decision = keep
-    if real is not None:
-        keep = keep & real[:, 0]
-    rows = keep.nonzero()[:, 0] if HOST_COMPACT_ON_CPU and keep.device.type == "cpu" else None
+            decision = keep
+    return scores, keep if real is None else keep & real[:, 0], decision
+
+
+def _decode_rows(keep: torch.Tensor, like: torch.Tensor, backend: str):
+    """(rows, project) for a decode step: on the CPU the kept row indices (host compaction: a skipped row costs
+    no projection), else None with the batch-1 predicated GEMV where it applies (`_predicated`)."""
+    if HOST_COMPACT_ON_CPU and keep.device.type == "cpu":
+        return keep.nonzero()[:, 0], None
+    return None, _predicated(backend, keep, like)
+
+
+def _decode_add(hidden_states: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor | None,
+                out: torch.Tensor) -> torch.Tensor:
+    """h + out on a decode step's kept rows, h (bit-identical) on the others: an index_add of the compacted
+    rows, or the device path's add predicated on the flag (the same rounding)."""
+    batch = hidden_states.shape[0]
+    out = out.to(hidden_states.dtype)
+    if rows is not None:
+        return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states)
+    return torch.where(keep.view(batch, 1, 1), hidden_states + out.unsqueeze(1), hidden_states)
+
+
+def _cached_decode_step(self: nn.Module, hidden_states: torch.Tensor, z: torch.Tensor, real: torch.Tensor | None,
+                        sinks: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                        layer_cache: RoutedKVLayer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One new token per sequence through the routed attention (or block). The device path has fixed shapes
+    and no host read: every row goes through with a device keep flag [B], kept rows append K/V and attend
+    over their paged cache, skipped rows take no slot, read no cache, and stay bit-identical (the add is
+    predicated on the flag). Returns (out, router scores [B, 1] or None for a stored decision, keep [B])."""
+    st: LayerState = self.mindskip
+    scores, keep, layer_cache.decision = _decode_keep(self, z, real, sinks, layer_cache.decision)
+    rows, project = _decode_rows(keep, z, st.backend)
     if rows is not None and rows.numel() == 0:
         return hidden_states, scores, keep  # nothing kept: no projection, no cache access
     attn = self.self_attn
-    project = _predicated(st.backend, keep, z) if rows is None else None
     q, k, v = _qkv(attn, z[:, 0] if rows is None else z[:, 0].index_select(0, rows), project)
     cos, sin = _rope_rows(position_embeddings, None, attn.head_dim, q.dtype)
     if rows is not None and cos.shape[0] > 1:
         cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attended = layer_cache.attend_decode(q, k, v, keep, attn.scaling, st.backend, rows).flatten(1)
-    out = attn.o_proj(attended) if project is None else project(attn.o_proj, attended)
-    out = out.to(hidden_states.dtype)
-    if st.target == "block":  # the MLP on the same rows (device path: every row; the predicated add drops skips)
-        x_rows = hidden_states[:, 0] if rows is None else hidden_states[:, 0].index_select(0, rows)
-        out = _block_out(self, x_rows, out)
-    if rows is not None:  # residual + attention on the kept rows (the rounding of the device path's add)
-        return hidden_states.view(batch, -1).index_add(0, rows, out).view_as(hidden_states), scores, keep
-    return torch.where(keep.view(batch, 1, 1), hidden_states + out.unsqueeze(1), hidden_states), scores, keep
+    out = (attn.o_proj(attended) if project is None else project(attn.o_proj, attended)).to(hidden_states.dtype)
+    if st.target == "block":  # the MLP on the same rows (predicated like the projections on the device path)
+        out = _block_out(self, hidden_states[:, 0] if rows is None else hidden_states[:, 0].index_select(0, rows),
+                         out, project)
+    return _decode_add(hidden_states, keep, rows, out), scores, keep
+
+
+def _mlp_decode_step(self: nn.Module, hidden_states: torch.Tensor, real: torch.Tensor | None,
+                     sinks: torch.Tensor | None, decision: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """One new token per sequence through the routed MLP (after attention ran for every token), with the same
+    fixed-shape, host-read-free device path as `_cached_decode_step`. Returns (out, router scores [B, 1] or
+    None, keep [B], the decision to store)."""
+    z = self.post_attention_layernorm(hidden_states)
+    scores, keep, decision = _decode_keep(self, z, real, sinks, decision)
+    rows, project = _decode_rows(keep, z, self.mindskip.backend)
+    if rows is not None and rows.numel() == 0:
+        return hidden_states, scores, keep, decision
+    out = _mlp_rows(self.mlp, z[:, 0] if rows is None else z[:, 0].index_select(0, rows), project)
+    return _decode_add(hidden_states, keep, rows, out), scores, keep, decision
 
 
 def _cached_update(self: nn.Module, x: torch.Tensor, pad: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -468,9 +513,14 @@ def _mindskip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attent
         hidden_states, scores, keep = _cached_attention(self, hidden_states, pad, position_ids, position_embeddings,
                                                         layer_cache, sinks)
     elif dense_cache is not None:
-        fn = _sublayer_fn(self, hidden_states, None)
-        hidden_states, scores, keep, decision = _cached_update(self, hidden_states, pad, position_ids, sinks, fn,
-                                                               dense_cache.decisions.get(st.layer_idx))
+        stored = dense_cache.decisions.get(st.layer_idx)
+        if seq_len == 1:
+            hidden_states, scores, keep, decision = _mlp_decode_step(self, hidden_states, None if pad is None
+                                                                     else pad != 0, sinks, stored)
+            keep = keep.unsqueeze(1)
+        else:
+            hidden_states, scores, keep, decision = _cached_update(self, hidden_states, pad, position_ids, sinks,
+                                                                   _sublayer_fn(self, hidden_states, None), stored)
         if decision is not None:
             dense_cache.decisions[st.layer_idx] = decision
     elif self.training and st.rule == "every_token":
