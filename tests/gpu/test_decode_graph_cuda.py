@@ -31,10 +31,11 @@ STEPS = 6
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity):
+@pytest.mark.parametrize("target", ["attention", "block"])  # (the MLP target's attention uses a DynamicLayer)
+def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, target):
     kernels(backend, "paged_decode_attention", torch.float32)
     model = tiny_model("llama").to(DEV)
-    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity)  # prefill: "auto" (paged varlen)
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)  # prefill: "auto"
     torch.manual_seed(4)
     randomize_routers(model, std=4.0)
     ids = torch.randint(1, 97, (4, 11), device=DEV)
