@@ -326,9 +326,9 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
 def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor):
     """`project(linear, rows)` for a batch-1 decode step on the device path: the Triton predicated GEMV,
     which reads the device keep flag and, for a skipped row, writes zeros without reading the weight (a
-    skipped layer's q/k/v/o projections cost a launch each, no host branch). None (cuBLAS / torch) where
-    Triton cannot run or another backend was asked for, and at batch > 1, where one GEMM over all rows reads
-    each weight once and the predicated add discards the skipped rows."""
+    skipped layer's projections, q/k/v/o and the MLP's, cost a launch each, no host branch). None (cuBLAS /
+    torch) where Triton cannot run or another backend was asked for, and at batch > 1, where one GEMM over
+    all rows reads each weight once and the predicated add discards the skipped rows."""
     if keep.shape[0] != 1 or backend not in ("auto", "triton"):
         return None
     tri = backend_module("triton")
