@@ -228,12 +228,13 @@ def test_plain_dynamic_cache_refused():
         model(torch.randint(1, 97, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
 
 
-def test_static_unrouted_layers_decode_like_dynamic(monkeypatch):
-    """new_cache(static=True) (what a whole-step CUDA graph needs: static unrouted layers, a fixed pool) decodes
-    exactly like the default cache, on the device path."""
+@pytest.mark.parametrize("target", TARGETS)
+def test_static_unrouted_layers_decode_like_dynamic(target, monkeypatch):
+    """new_cache(static=True) (what a whole-step CUDA graph needs: static unrouted layers, and the MLP target's
+    attention layers, a fixed pool) decodes exactly like the default cache, on the device path."""
     monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=[1, 2])
+    mk.apply_mindskip(model, layers=[1, 2], target=target)
     randomize_routers(model)
     ids = torch.randint(1, 97, (2, 7))
     logits = []
