@@ -9,6 +9,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 GRANULARITIES = ("token", "sequence")
+# What a router decides to run (the paper's Table 1): the attention sub-layer (MindSkip), the MLP sub-layer (its
+# router reads post_attention_layernorm), or the whole decoder block (Mixture-of-Depths; input_layernorm).
+TARGETS = ("attention", "mlp", "block")
 
 
 def tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None,
@@ -46,6 +49,12 @@ def threshold(value: float) -> float:
 def granularity(value: str) -> str:
     if value not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {value!r}")
+    return value
+
+
+def target(value: object) -> str:
+    if value not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {value!r}")
     return value
 
 

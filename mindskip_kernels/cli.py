@@ -19,6 +19,8 @@ import platform
 
 import torch
 
+from mindskip_kernels._checks import GRANULARITIES, TARGETS
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
                    "vocab.txt")
 
@@ -179,9 +181,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.drop_layers:  # checked before any work
         with open(args.drop_layers) as f:
             spec = json.load(f)
-        if not isinstance(spec, dict) or not {"target", "drop"} <= set(spec):
+        if (not isinstance(spec, dict) or spec.get("target") not in TARGETS or not isinstance(spec.get("drop"), list)
+                or not all(isinstance(i, int) for i in spec["drop"])):
             raise ValueError(f"--drop-layers {args.drop_layers}: expected the JSON of `mindskip export-layers` "
-                             "({'target': ..., 'drop': [layers], ...})")
+                             f"({{'target': one of {TARGETS}, 'drop': [layer indices], ...}})")
     model, tokenizer = _load(args)
     items = as_items(args.data, tokenizer, args.max_length)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -236,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--layers", default=None,
                       help="N = the last N layers before the final one (default: half, the paper's), or a "
                            "comma-separated list of layer indices")
-    tune.add_argument("--granularity", choices=("token", "sequence"), default="token")
-    tune.add_argument("--target", choices=("attention", "mlp", "block"), default="attention",
+    tune.add_argument("--granularity", choices=GRANULARITIES, default="token")
+    tune.add_argument("--target", choices=TARGETS, default="attention",
                       help="what a skipped token skips: attention (MindSkip), mlp, or the whole block (MoD)")
     tune.add_argument("--sink-tokens", type=int, default=1,
                       help="token granularity: the first N real tokens always run attention (attention sinks; "

@@ -6,7 +6,7 @@ Two ways to choose the layers, both over the routable layers of a transformers c
   residual stream least, i.e. with the highest cosine similarity between the sub-layer's input x and its
   output x + f(x) (for the block: its input and output) on calibration data.
 - `export_layers`: from tuned MindSkip routers, drop the layers whose learned keep rate is lowest (or, without
-  a target, those whose keep rate rounds to 0).
+  a count, those whose keep rate rounds to 0).
 `drop_sublayers` applies a choice. The dropped forward of a layer, by target:
 attention -> x + MLP(LN2(x)); mlp -> x + Attn(LN1(x)); block -> x.
 """
@@ -19,26 +19,32 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mindskip_kernels import _checks as check
 from mindskip_kernels.data import Data, as_items, collate
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    from mindskip_kernels.integrations.hf import _base_model  # imports transformers: only when used
+    """The decoder layers of a supported model (the dropped forwards and hooks assume its block layout)."""
+    from mindskip_kernels.integrations.hf import _base_model, _check_supported  # imports transformers: when used
 
+    _check_supported(model)
     return _base_model(model).layers
+
+
+def _check_unchanged(all_layers: nn.ModuleList, chosen: Sequence[int], what: str) -> None:
+    """Refuse layers that apply_mindskip routes or drop_sublayers already changed."""
+    routed = [i for i in chosen if hasattr(all_layers[i], "mindskip")]
+    if routed:
+        raise ValueError(f"layers {routed} are routed by apply_mindskip; {what} of an unrouted model")
+    again = [i for i in chosen if hasattr(all_layers[i], "dropped")]
+    if again:
+        raise ValueError(f"layers {again} are already dropped; {what} of a freshly loaded model")
 
 
 def _candidates(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     from mindskip_kernels.integrations.hf import _choose_layers
 
     return _choose_layers(len(_layers(model)), None if layers is None else list(layers))
-
-
-def _check_target(target: str) -> None:
-    from mindskip_kernels.integrations.hf import TARGETS
-
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
 def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
@@ -72,18 +78,13 @@ def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "atten
     attention (transformers reads the cache length from it)."""
     from mindskip_kernels.integrations.hf import _dense_attention
 
-    _check_target(target)
+    check.target(target)
     all_layers = _layers(model)
     chosen = sorted({int(i) for i in layers})
     bad = [i for i in chosen if not 0 <= i < len(all_layers)]
     if bad:
         raise ValueError(f"layers must be decoder layer indices in [0, {len(all_layers) - 1}], got {bad}")
-    routed = [i for i in chosen if hasattr(all_layers[i], "mindskip")]
-    if routed:
-        raise ValueError(f"layers {routed} are routed by apply_mindskip; drop sub-layers of an unrouted model")
-    again = [i for i in chosen if hasattr(all_layers[i], "dropped")]
-    if again:
-        raise ValueError(f"layers {again} are already dropped; drop sub-layers of a freshly loaded model")
+    _check_unchanged(all_layers, chosen, "drop sub-layers")
     forward = {"attention": _attention_free_forward, "mlp": _dense_attention, "block": _block_free_forward}[target]
     for i in chosen:
         all_layers[i].forward = types.MethodType(forward, all_layers[i])
@@ -103,10 +104,11 @@ def sublayer_similarity(model: nn.Module, data: Data, tokenizer=None, *, target:
     """Mean cosine similarity, over real tokens, between each candidate `target` sub-layer's input x and its
     output (x + Attn(LN1(x)), x + MLP(LN2(x)) or the block's output; 1 = it barely changes the residual
     stream)."""
-    _check_target(target)
+    check.target(target)
     candidates = _candidates(model, layers)
-    items = as_items(data, tokenizer, max_length)
     all_layers = _layers(model)
+    _check_unchanged(all_layers, candidates, "measure the sub-layers")
+    items = as_items(data, tokenizer, max_length)
     device = next(model.parameters()).device
     sums = dict.fromkeys(candidates, 0.0)
     total = 0

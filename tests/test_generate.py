@@ -145,6 +145,25 @@ def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity,
         assert torch.equal(cached[0, 7:], reference_sequence_generation(model, ids[0]))
 
 
+def test_predicated_projection_runs_a_wrapped_linear_through_its_own_forward():
+    """LoRA / quantized linears subclass or wrap nn.Linear: the GEMV (which reads .weight) is for plain ones."""
+    if not available()["triton"]:
+        pytest.skip("backend 'triton' not available in this install")
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    keep = torch.tensor([True])
+    project = hf._predicated("triton", keep, torch.zeros(1, 8))
+    rows = torch.randn(1, 8)
+    plain, wrapped = torch.nn.Linear(8, 4), Doubled(8, 4)
+    with torch.no_grad():
+        wrapped.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(project(wrapped, rows), wrapped(rows))
+        torch.testing.assert_close(project(plain, rows), plain(rows))
+
+
 def test_fixed_pool_decodes_without_reading_the_device_and_skips_take_no_slot():
     """A pool sized up front (num_blocks): decode steps never read lengths back; skipped tokens take no slot,
     so the stored rows are exactly the kept ones; a pool too small for the kept rows raises."""

@@ -37,6 +37,28 @@ def test_dropped_layer_equals_a_routed_layer_that_skips_everything(target):
         assert not torch.equal(dropped(ids).logits, tiny_model("llama", layers=5)(ids).logits)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_dropped_layer_equals_the_dense_layer_with_that_sublayer_zeroed(target):
+    """An oracle that shares no code with the routed path: zero the dropped sub-layer's output projection(s) in
+    a dense copy; each dropped layer also takes the bare call any decoder layer takes."""
+    ids = torch.randint(0, 97, (2, 9))
+    dense = tiny_model("llama", layers=5)
+    with torch.no_grad():
+        for i in (1, 3):
+            if target != "mlp":
+                dense.model.layers[i].self_attn.o_proj.weight.zero_()
+            if target != "attention":
+                dense.model.layers[i].mlp.down_proj.weight.zero_()
+    dropped = drop_sublayers(tiny_model("llama", layers=5), [1, 3], target)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(ids).logits, dense(ids).logits, rtol=1e-6, atol=1e-6)
+        h = torch.randn(2, 9, 48)
+        pos = torch.arange(9).unsqueeze(0)
+        layer = dropped.model.layers[1]
+        out = layer(h, position_ids=pos, position_embeddings=dropped.model.rotary_emb(h, pos))
+        assert out.shape == h.shape
+
+
 def test_mlp_drop_generates_with_the_dense_cache():
     model = drop_sublayers(tiny_model("llama", layers=4), [0, 2], "mlp")
     ids, mask = left_padded_prompts([9, 5, 2], 0)
@@ -93,9 +115,10 @@ def test_layer_drop_removes_the_most_similar_layers(target):
 
 
 def test_most_similar_breaks_ties_by_index():
-    assert most_similar({3: 0.5, 1: 0.9, 2: 0.9, 0: 0.1}, n=2) == [1, 2]
-    assert most_similar({3: 0.5, 1: 0.9, 2: 0.9, 0: 0.1}, n=1) == [1]
-    assert most_similar({3: 0.5, 1: 0.9, 2: 0.9, 0: 0.1}, keep=0.25) == [1, 2, 3]
+    similarity = {3: 0.5, 2: 0.9, 1: 0.9, 0: 0.1}  # the tied layers inserted high index first
+    assert most_similar(similarity, n=1) == [1]
+    assert most_similar(similarity, n=2) == [1, 2]
+    assert most_similar(similarity, keep=0.25) == [1, 2, 3]
 
 
 def test_export_layers_from_learned_keep_rates():
@@ -123,3 +146,20 @@ def test_drop_sublayers_refuses_bad_input_and_changes_nothing():
     with pytest.raises(ValueError, match="already dropped"):
         drop_sublayers(model, [2, 3], "block")
     assert dropped_layers(model) == {2: "mlp"}
+    with pytest.raises(ValueError, match="already dropped"):
+        sublayer_similarity(model, items(), target="block", layers=[0, 2])
+    with pytest.raises(ValueError, match="routed by apply_mindskip"):
+        sublayer_similarity(model, items(), layers=[0, 1])
+    with pytest.raises(ValueError, match="drop_sublayers"):
+        mk.apply_mindskip(model, layers=[2])
+    assert dropped_layers(model) == {2: "mlp"} and set(mindskip_layers(model)) == {1}
+
+
+def test_unsupported_architectures_are_refused():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97))
+    with pytest.raises(ValueError, match="model must be one of"):
+        sublayer_similarity(gpt2, items(), target="mlp")
+    with pytest.raises(ValueError, match="model must be one of"):
+        drop_sublayers(gpt2, [0], "mlp")

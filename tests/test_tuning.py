@@ -291,10 +291,12 @@ def test_cli_export_layers_of_the_block_target_and_eval(tmp_path, saved_model, c
           str(held), "--n", "1", "--max-length", "32", "--out", str(layers_file)])
     exported = json.loads(layers_file.read_text())
     assert exported["target"] == "block" and len(exported["drop"]) == 1
-    bad = tmp_path / "old.json"
-    bad.write_text(json.dumps({"drop_attention": [1]}))
-    with pytest.raises(ValueError, match=r"--drop-layers .*old.json: expected"):
-        main(["eval", "--model", str(saved_model), "--drop-layers", str(bad), "--data", str(held)])
+    for name, spec in (("old", {"drop_attention": [1]}), ("target", {"target": "ffn", "drop": [1]}),
+                       ("drop", {"target": "mlp", "drop": "1"})):
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=rf"--drop-layers .*{name}.json: expected"):
+            main(["eval", "--model", str(saved_model), "--drop-layers", str(bad), "--data", str(held)])
     capsys.readouterr()
     main(["eval", "--model", str(saved_model), "--drop-layers", str(layers_file), "--data", str(held),
           "--max-length", "32"])

@@ -14,13 +14,14 @@ import contextlib
 import json
 import os
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mindskip_kernels import _checks as check
+from mindskip_kernels._checks import TARGETS
 from mindskip_kernels.attention import apply_rope, packed_attention, routed_update, straight_through_gate
 from mindskip_kernels.backends import module as backend_module
 from mindskip_kernels.backends import resolve
@@ -33,10 +34,8 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # seeing the kept earlier tokens and itself, and gates every row with the straight-through decision; "paper" (the
 # authors' code) computes attention for the kept tokens only, so only they carry the LM gradient to the router.
 RULES = ("every_token", "paper")
-# What a router decides to run (the paper's Table 1): the attention sub-layer (MindSkip), the MLP sub-layer (its
-# router reads post_attention_layernorm), or the whole decoder block (Mixture-of-Depths; input_layernorm).
-TARGETS = ("attention", "mlp", "block")
 ROUTERS_FILE = "routers.safetensors"
+Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]  # a decode step's linear on its rows (`_predicated`)
 META_FILE = "mindskip.json"
 
 
@@ -116,6 +115,12 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def _check_supported(model: nn.Module) -> None:
+    model_type = _model_type(model)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
 
 
 def paper_layers(num_layers: int, n: int | None = None) -> list[int]:
@@ -241,7 +246,7 @@ def _router_norm(layer: nn.Module) -> nn.Module:
     return layer.post_attention_layernorm if layer.mindskip.target == "mlp" else layer.input_layernorm
 
 
-def _mlp_rows(mlp: nn.Module, x: torch.Tensor, project=None) -> torch.Tensor:
+def _mlp_rows(mlp: nn.Module, x: torch.Tensor, project: Project | None = None) -> torch.Tensor:
     """The MLP on rows x; with `project` (a decode step's predicated GEMV) its gate/up/down projections (the
     Llama / Mistral / Qwen form) read no weight for a skipped row."""
     if project is None:
@@ -249,7 +254,8 @@ def _mlp_rows(mlp: nn.Module, x: torch.Tensor, project=None) -> torch.Tensor:
     return project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
 
 
-def _block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, project=None) -> torch.Tensor:
+def _block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, project: Project | None = None
+               ) -> torch.Tensor:
     """The decoder block's contribution on rows x given its attention output: attn + mlp(ln2(x + attn)), so that
     x + g * out is the block at g = 1 and x at g = 0."""
     return attn_out + _mlp_rows(layer.mlp, layer.post_attention_layernorm(x + attn_out), project)
@@ -323,7 +329,7 @@ def _every_token_update(layer: nn.Module, x: torch.Tensor, position_embeddings, 
     return x + gate.unsqueeze(-1).to(out.dtype) * out, plan, keep_rate
 
 
-def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor):
+def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor) -> Project | None:
     """`project(linear, rows)` for a batch-1 decode step on the device path: the Triton predicated GEMV,
     which reads the device keep flag and, for a skipped row, writes zeros without reading the weight (a
     skipped layer's projections, q/k/v/o and the MLP's, cost a launch each, no host branch). None (cuBLAS /
@@ -336,7 +342,9 @@ def _predicated(backend: str, keep: torch.Tensor, like: torch.Tensor):
         return None
     if backend == "auto" and like.device.type != "cuda":
         return None  # "auto" on the CPU: the interpreter is for tests, not for running models
-    return lambda linear, rows: tri.predicated_linear(rows, linear.weight, linear.bias, keep)
+    # a wrapped linear (LoRA, quantized) runs its own forward: the GEMV reads plain weights only
+    return lambda linear, rows: (tri.predicated_linear(rows, linear.weight, linear.bias, keep)
+                                 if type(linear) is nn.Linear else linear(rows))
 
 
 # On the CPU a host read of the keep flags is free (no device queue to drain), so a decode step projects and
@@ -364,7 +372,8 @@ def _decode_keep(self: nn.Module, z: torch.Tensor, real: torch.Tensor | None, si
     return scores, keep if real is None else keep & real[:, 0], decision
 
 
-def _decode_rows(keep: torch.Tensor, like: torch.Tensor, backend: str):
+def _decode_rows(keep: torch.Tensor, like: torch.Tensor, backend: str
+                 ) -> tuple[torch.Tensor | None, Project | None]:
     """(rows, project) for a decode step: on the CPU the kept row indices (host compaction: a skipped row costs
     no projection), else None with the batch-1 predicated GEMV where it applies (`_predicated`)."""
     if HOST_COMPACT_ON_CPU and keep.device.type == "cpu":
@@ -463,8 +472,8 @@ def _cached_attention(self: nn.Module, hidden_states: torch.Tensor, pad: torch.T
     return out, scores, keep
 
 
-def _dense_attention(self: nn.Module, hidden_states: torch.Tensor, attention_mask, position_ids, cache, use_cache,
-                     position_embeddings, **kwargs) -> torch.Tensor:
+def _dense_attention(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
+                     cache=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
     """The MLP target's attention sub-layer: transformers' own, for every token (its cache layer is an ordinary
     dense one)."""
     out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
@@ -556,17 +565,17 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     token), or "block" (Mixture-of-Depths: attention among the kept tokens, then the MLP on them; skipped
     tokens pass the whole block unchanged). Returns the same model, patched in place.
     """
-    model_type = _model_type(model)
-    if model_type not in SUPPORTED:
-        raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
+    _check_supported(model)
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
     check.backend(backend)
     sink_tokens = check.sink_tokens(sink_tokens)
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    check.target(target)
     base = _base_model(model)
     chosen = _choose_layers(len(base.layers), layers)
+    dropped = [i for i in chosen if hasattr(base.layers[i], "dropped")]
+    if dropped:
+        raise ValueError(f"layers {dropped} have a sub-layer dropped by drop_sublayers; route a freshly loaded model")
     if not hasattr(base, "_mindskip_state"):
         base._mindskip_state = ModelState()
         base.register_forward_pre_hook(_base_forward_pre_hook, with_kwargs=True)
@@ -696,9 +705,7 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
         check.granularity(granularity)
     if backend is not None:
         check.backend(backend)
-    model_type = _model_type(model)
-    if model_type not in SUPPORTED:
-        raise ValueError(f"model must be one of {SUPPORTED} (config.model_type), got {model_type!r}")
+    _check_supported(model)
     weights, per_layer, source = _read_routers(path)
     base = _base_model(model)
     _choose_layers(len(base.layers), list(weights))

@@ -32,13 +32,14 @@ STEPS = 6
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 @pytest.mark.parametrize("target", ["attention", "block"])  # (the MLP target's attention uses a DynamicLayer)
-def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, target):
+@pytest.mark.parametrize("batch", [4, 1])  # batch 1: the projections (and the block's MLP) as predicated GEMVs
+def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, target, batch):
     kernels(backend, "paged_decode_attention", torch.float32)
     model = tiny_model("llama").to(DEV)
     mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)  # prefill: "auto"
     torch.manual_seed(4)
     randomize_routers(model, std=4.0)
-    ids = torch.randint(1, 97, (4, 11), device=DEV)
+    ids = torch.randint(1, 97, (batch, 11), device=DEV)
     cache = new_cache(model, block_size=4, num_blocks=64, max_length=64)  # fixed pool: no reallocation
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
@@ -47,8 +48,8 @@ def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, tar
     model.model._mindskip_state.padding_mask = None  # no padding in this batch
     eager_cache, warm_cache = copy.deepcopy(cache), copy.deepcopy(cache)
 
-    h = torch.randn(4, 1, 48, device=DEV)
-    pos = torch.full((4, 1), 11, device=DEV)
+    h = torch.randn(batch, 1, 48, device=DEV)
+    pos = torch.full((batch, 1), 11, device=DEV)
     cos, sin = model.model.rotary_emb(h, pos)
 
     def step(c):
@@ -65,7 +66,7 @@ def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, tar
             out = step(cache)
         kept_any = False
         for t in range(STEPS):
-            h.copy_(torch.randn(4, 1, 48, device=DEV))
+            h.copy_(torch.randn(batch, 1, 48, device=DEV))
             pos.fill_(11 + t)
             new_cos, new_sin = model.model.rotary_emb(h, pos)
             cos.copy_(new_cos)
