@@ -59,6 +59,11 @@ def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
     return n
 
 
+def _lowest(scores: dict[int, float], count: int) -> list[int]:
+    """The `count` layers with the lowest score, ascending (ties: the lower index first)."""
+    return sorted(sorted(scores, key=lambda i: (scores[i], i))[:count])
+
+
 def _attention_free_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Decoder layer forward without its attention sub-layer: the MLP sub-layer only."""
     return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -154,8 +159,7 @@ def sublayer_similarity(model: nn.Module, data: Data, tokenizer=None, *, target:
 def most_similar(similarity: dict[int, float], *, n: int | None = None, keep: float | None = None) -> list[int]:
     """The `n` layers (or all but the fraction `keep`) with the highest similarity, ascending (ties: lower
     index first): the training-free drop's choice."""
-    count = _n_drop(n, keep, len(similarity))
-    return sorted(sorted(similarity, key=lambda i: (-similarity[i], i))[:count])
+    return _lowest({i: -s for i, s in similarity.items()}, _n_drop(n, keep, len(similarity)))
 
 
 def layer_drop(model: nn.Module, data: Data, tokenizer=None, *, target: str = "attention", n: int | None = None,
@@ -179,5 +183,4 @@ def export_layers(keep_rates: dict[int, float], *, n: int | None = None, keep: f
         raise ValueError("keep_rates is empty: measure the tuned routers' keep rates on some data first")
     if n is None and keep is None:
         return sorted(i for i, rate in keep_rates.items() if rate < 0.5)
-    count = _n_drop(n, keep, len(keep_rates))
-    return sorted(sorted(keep_rates, key=lambda i: (keep_rates[i], i))[:count])  # ties: the lower index first
+    return _lowest(keep_rates, _n_drop(n, keep, len(keep_rates)))

@@ -35,8 +35,8 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # authors' code) computes attention for the kept tokens only, so only they carry the LM gradient to the router.
 RULES = ("every_token", "paper")
 ROUTERS_FILE = "routers.safetensors"
-Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]  # a decode step's linear on its rows (`_predicated`)
 META_FILE = "mindskip.json"
+Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]  # a decode step's linear on its rows (`_predicated`)
 
 
 @dataclass
@@ -196,7 +196,8 @@ def _rope_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], idx: torc
     return tuple((r if idx is None else r.index_select(0, idx)).to(dtype) for r in rows)
 
 
-def _qkv(attn: nn.Module, z: torch.Tensor, project=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(attn: nn.Module, z: torch.Tensor, project: Project | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q/k/v [T, H, Dh] of rows z [T, D] through a transformers attention module (Qwen3's q/k norms too);
     `project(linear, rows)` replaces `linear(rows)` when given."""
     project = project or (lambda linear, rows: linear(rows))
