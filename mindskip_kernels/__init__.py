@@ -8,7 +8,8 @@ the residual stream.
 from mindskip_kernels.attention import MindSkipAttention, mindskip_attention
 from mindskip_kernels.backends import available as available_backends
 from mindskip_kernels.ops import decode_attention, keep_masked_attention, paged_varlen_attention, varlen_attention
-from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
+from mindskip_kernels.routing import RoutingPlan, compact, gather, route, scatter_add, score
+from mindskip_kernels.rowwise import predicated_linear, rms_norm
 
 __version__ = "0.1.0"
 
@@ -17,16 +18,20 @@ __all__ = [
     "RoutingPlan",
     "apply_mindskip",
     "available_backends",
+    "compact",
     "decode_attention",
     "gather",
     "keep_masked_attention",
     "load_routers",
     "mindskip_attention",
     "paged_varlen_attention",
+    "predicated_linear",
     "record_routing",
+    "rms_norm",
     "route",
     "save_routers",
     "scatter_add",
+    "score",
     "varlen_attention",
 ]
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels.backends import needs_grad
-from mindskip_kernels.backends.reference import rms_norm
 from mindskip_kernels.ops import varlen_attention
 from mindskip_kernels.routing import RoutingPlan, gather, route, scatter_add
+from mindskip_kernels.rowwise import rms_norm
 
 Attend = Callable[[torch.Tensor, RoutingPlan], torch.Tensor]
 
@@ -46,7 +46,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      plan: RoutingPlan, softmax_scale: float | None, backend: str) -> torch.Tensor:
     """RoPE at the kept tokens' original positions, then causal attention among each sequence's kept tokens.
     q [T, Hq, Dh], k/v [T, Hkv, Dh], cos/sin [T, Dh]; returns [T, Hq * Dh]. (With a KV cache the caller
-    attends through the cache instead: see integrations/hf.py.)"""
+    attends through the cache instead: see integrations/hf/sublayers.py.)"""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = varlen_attention(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                            causal=True, softmax_scale=softmax_scale, backend=backend)
@@ -66,7 +66,7 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                   norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
-                  training: bool = False, backend: str = "auto"
+                  plan: RoutingPlan | None = None, training: bool = False, backend: str = "auto"
                   ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
 
@@ -75,7 +75,8 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     the norm statistics and the router scores ("router_from_hidden"), and only the kept rows are normalized,
     as they are packed ("gather_norm"). Training (or grad through x) normalizes every row first.
 
-    `force_keep` [B, N] bool: tokens kept whatever their score (see `route`).
+    `force_keep` [B, N] bool: tokens kept whatever their score (see `route`). `plan`: a decision already made
+    (e.g. a sequence's stored prefill decision, `RoutingPlan.from_keep`) instead of the router's.
     `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
     (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
     hard decision carries the straight-through gradient (forward value exactly 1 on kept rows, d/dscore = 1)
@@ -85,10 +86,11 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     if norm is not None:
         norm = check.norm(norm, z)
         if training or needs_grad(z, router_weight, norm[0]):  # every row normalized, then the unfused path
-            z, norm = rms_norm(z, *norm), None
-    plan = route(z, router_weight, threshold=threshold, granularity=granularity,
-                 attention_mask=attention_mask, position_ids=position_ids, norm=norm, force_keep=force_keep,
-                 backend=backend)
+            z, norm = rms_norm(z, *norm), None  # the reference: kernels fuse the norm instead
+    if plan is None:
+        plan = route(z, router_weight, threshold=threshold, granularity=granularity,
+                     attention_mask=attention_mask, position_ids=position_ids, norm=norm, force_keep=force_keep,
+                     backend=backend)
     base = torch.zeros_like(z) if residual is None else residual
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")

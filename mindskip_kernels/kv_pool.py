@@ -12,7 +12,8 @@ at most its row count). Only when that bound no longer fits the pool or the tabl
 exact lengths back (one sync, a documented rare point: with a pool sized for the work it never happens in
 a decode step that a graph captures), and then grows the pool by 25% (`growable=True`) or raises. The
 paged attention ops read the pool in place (`decode_attention(block_table=...)`,
-`paged_varlen_attention`). No transformers import: `cache.MindSkipCache` wraps one pool per routed layer.
+`paged_varlen_attention`). No transformers import: `integrations.hf.cache.MindSkipCache` wraps one pool per
+routed layer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import torch.nn.functional as F
 from mindskip_kernels.backends._alloc import empty
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+def blocks_for_bytes(max_bytes: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     pools: int = 1) -> int:
+    """How many blocks each of `pools` pools gets from a byte budget for all of them (like vLLM's memory budget)."""
+    return int(max_bytes) // (PagedKVPool.block_bytes(block_size, num_kv_heads, head_dim, dtype) * pools)
 
 
 class PoolFullError(RuntimeError):
@@ -48,11 +55,10 @@ class PagedKVPool:
                             ("block_size", block_size), ("max_blocks_per_seq", max_blocks_per_seq)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "batch" else 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        per_block = self.block_bytes(block_size, num_kv_heads, head_dim, dtype)
         if (num_blocks is None) == (max_bytes is None):
             raise ValueError("give exactly one of num_blocks and max_bytes (the pool's size)")
         if max_bytes is not None:
-            num_blocks = int(max_bytes) // per_block
+            num_blocks = blocks_for_bytes(max_bytes, block_size, num_kv_heads, head_dim, dtype)
         if not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         self.batch, self.num_kv_heads, self.head_dim, self.block_size = batch, num_kv_heads, head_dim, block_size

@@ -49,7 +49,7 @@ class RoutingPlan:
                   scores: torch.Tensor | None = None, backend: str = "auto") -> RoutingPlan:
         """A plan for decisions already known (e.g. a sequence's prefill decision reused later, or a test's
         chosen pattern): keep [B, N] bool, position_ids as in `route`, scores [B, N] (default: keep as 0/1).
-        Compacts like `route` (one host read of T on accelerators)."""
+        Compacts like `route` (`compact`: one host read of T on accelerators)."""
         check.tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
         device = check.same_device(keep=keep, position_ids=position_ids, scores=scores)
         batch, seq_len = keep.shape
@@ -59,10 +59,7 @@ class RoutingPlan:
         else:
             check.tensor("scores", scores, ndim=2, dtypes=check.FLOAT_DTYPES)
             check.shape_match("scores", scores, (batch, seq_len), "[B, N] like keep")
-        indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, torch.float32).compact(keep,
-                                                                                                          positions)
-        exact = device.type == "cpu" and batch > 0
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if exact else seq_len
+        indices, cu_seqlens, kept_positions, max_seqlen = compact(keep, positions, backend=backend)
         return cls(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
 
 
@@ -86,20 +83,11 @@ def _position_ids(position_ids: torch.Tensor | None, batch: int, seq_len: int,
     return position_ids.reshape(position_ids.shape[0] if position_ids.dim() == 2 else 1, seq_len).expand(batch, seq_len)
 
 
-def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
-          attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-          norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
-          backend: str = "auto") -> RoutingPlan:
-    """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
-    compact the kept tokens.
-
-    z: [B, N, D] normalized hidden states (the input of attention); router_weight: [1, D] or [D];
-    attention_mask: [B, N], nonzero = real token (padding is never kept and is excluded from the
-    sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
-    norm: (weight [D], eps) of an RMSNorm; then z is the un-normalized hidden state and the router reads
-    RMSNorm(z) (op "router_from_hidden": one pass over z, the normalized rows are never written).
-    force_keep: [B, N] bool, tokens kept whatever their score (e.g. attention sinks; padding still never kept).
-    """
+def score(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
+          attention_mask: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+          force_keep: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's decision without compaction: (scores [B, N] fp32, keep [B, N] bool), arguments as in
+    `route`. Fixed shapes and no host read, so a decode step can use it inside a CUDA graph."""
     check.tensor("z", z, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("router_weight", router_weight, ndim=(1, 2), dtypes=check.FLOAT_DTYPES)
     if router_weight.numel() != z.shape[-1] or (router_weight.dim() == 2 and router_weight.shape[0] != 1):
@@ -108,11 +96,9 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
     device = check.same_device(z=z, router_weight=router_weight, attention_mask=attention_mask,
-                               position_ids=position_ids, force_keep=force_keep)
+                               force_keep=force_keep)
     batch, seq_len, _ = z.shape
     mask = _padding_mask(attention_mask, batch, seq_len, device)
-    positions = _position_ids(position_ids, batch, seq_len, device)
-
     if norm is None:
         grad = needs_grad(z, router_weight)
         op = resolve(backend, "router", device, z.dtype, grad, empty=z.numel() == 0)
@@ -127,10 +113,40 @@ def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.
         check.tensor("force_keep", force_keep, ndim=2, dtypes=(torch.bool,))
         check.shape_match("force_keep", force_keep, (batch, seq_len), "[B, N] of z")
         keep = keep | (force_keep & mask)
-    indices, cu_seqlens, kept_positions = resolve(backend, "compact", device, z.dtype).compact(keep, positions)
-    # On the CPU there is no device to wait for, and the exact bound keeps padded work small.
-    exact = device.type == "cpu" and batch > 0
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if exact else seq_len
+    return scores, keep
+
+
+def compact(keep: torch.Tensor, positions: torch.Tensor, *, backend: str = "auto"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The packed form of keep [B, N] bool with positions [B, N]: (indices [T], cu_seqlens [B+1], kept
+    positions [T], max_seqlen). One host read of T on accelerators; max_seqlen is exact on the CPU (there is no
+    device to wait for, and the exact bound keeps padded work small), N elsewhere (no sync)."""
+    indices, cu_seqlens, kept_positions = resolve(backend, "compact", keep.device, torch.float32).compact(keep,
+                                                                                                           positions)
+    exact = keep.device.type == "cpu" and keep.shape[0] > 0
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if exact else keep.shape[1]
+    return indices, cu_seqlens, kept_positions, max_seqlen
+
+
+def route(z: torch.Tensor, router_weight: torch.Tensor, *, threshold: float = 0.5, granularity: str = "token",
+          attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+          norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
+          backend: str = "auto") -> RoutingPlan:
+    """Score each token (or sequence) with `sigmoid(z @ w)` in fp32, keep it iff score >= threshold, and
+    compact the kept tokens.
+
+    z: [B, N, D] normalized hidden states (the input of attention); router_weight: [1, D] or [D];
+    attention_mask: [B, N], nonzero = real token (padding is never kept and is excluded from the
+    sequence mean); position_ids: [B, N] / [1, N] / [N] original positions (default 0..N-1).
+    norm: (weight [D], eps) of an RMSNorm; then z is the un-normalized hidden state and the router reads
+    RMSNorm(z) (op "router_from_hidden": one pass over z, the normalized rows are never written).
+    force_keep: [B, N] bool, tokens kept whatever their score (e.g. attention sinks; padding still never kept).
+    """
+    scores, keep = score(z, router_weight, threshold=threshold, granularity=granularity,
+                         attention_mask=attention_mask, norm=norm, force_keep=force_keep, backend=backend)
+    check.same_device(z=z, position_ids=position_ids)
+    positions = _position_ids(position_ids, z.shape[0], z.shape[1], z.device)
+    indices, cu_seqlens, kept_positions, max_seqlen = compact(keep, positions, backend=backend)
     return RoutingPlan(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
 
 

@@ -23,7 +23,7 @@ from tests.harness import assert_within_rule, random_keep
 pytestmark = pytest.mark.skipif(not available()["triton"], reason="triton backend not available")
 if available()["triton"]:
     from mindskip_kernels.backends import triton as tri
-    from mindskip_kernels.backends.triton.compile_check import record_launches
+    from tests.triton_compile import record_launches
 
 LOW = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-6
@@ -209,8 +209,8 @@ def test_custom_op_compiles_fullgraph():
 def _kernel_names() -> set[str]:
     """Every Triton kernel defined by the backend (names `_*_kernel`)."""
     modules = [importlib.import_module(f"mindskip_kernels.backends.triton.{name}") for name in
-               ("attention_bwd", "attention_fwd", "compaction", "decode", "gather_scatter", "predicated_linear",
-                "router_kernels")]
+               ("attention_bwd", "attention_fwd", "cache_attention", "compaction", "gather_scatter",
+                "predicated_linear", "router_kernels")]
     return {f"{m.__name__}.{name}" for m in modules for name in vars(m) if name.endswith("_kernel")}
 
 
@@ -256,7 +256,7 @@ def test_kernels_build_for_sm90(tmp_path):
     spec = tmp_path / "launches.json"
     spec.write_text(json.dumps(launches))
     env = os.environ | {"TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "mindskip_kernels.backends.triton.compile_check", str(spec), "90"],
+    proc = subprocess.run([sys.executable, "-m", "tests.triton_compile", str(spec), "90"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,23 +7,9 @@ the reference's arguments (`paged_decode_attention` is `decode_attention` with a
 are checked once, in the public functions (`_checks`), before any backend runs, so every backend raises the
 same errors; inputs with no elements run on the reference (`resolve(empty=True)`).
 
-Which backend has which op, on which devices, and whether it has a backward (`CONTRACT`, checked against
-the modules in tests/test_hardening.py):
-
-| op                     | reference      | compiled (_C)         | triton                 |
-|------------------------|----------------|-----------------------|------------------------|
-| router                 | any, backward  | CPU, CUDA             | CUDA, backward         |
-| router_from_hidden     | any, backward  | CPU, CUDA             | CUDA                   |
-| compact                | any, backward  | CPU, CUDA             | CUDA                   |
-| gather                 | any, backward  | CPU, CUDA             | CUDA, backward         |
-| gather_norm            | any, backward  | CPU, CUDA             | CUDA                   |
-| scatter_add            | any, backward  | CPU, CUDA             | CUDA, backward         |
-| varlen_attention       | any, backward  | CPU                   | CUDA, backward         |
-| decode_attention       | any, backward  | CPU, CUDA             | CUDA                   |
-| paged_decode_attention | any, backward  | CPU, CUDA             | CUDA                   |
-| paged_varlen_attention | any, backward  | CPU                   | CUDA                   |
-| predicated_linear      | -              | -                     | CUDA                   |
-| keep_masked_attention  | any, backward  | -                     | CUDA, backward         |
+Which backend has which op, on which devices, and whether it has a backward: `CONTRACT` below, the one
+copy of that table (each backend's `OPS` / `DIFFERENTIABLE` derive from it; `support_table()` renders it, as
+`python -m mindskip_kernels info` prints it; tests/test_hardening.py checks it against the modules).
 
 dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
 and gather any dtype); triton fp16/bf16/fp32. "any" = any device torch runs on (fp64-able: the truth for
@@ -61,11 +47,33 @@ CONTRACT: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
                                "triton": (("cuda",), False)},
     "paged_varlen_attention": {"reference": (("any",), True), "compiled": (("cpu",), False),
                                "triton": (("cuda",), False)},
-    "predicated_linear": {"triton": (("cuda",), False)},  # batch-1 decode projections; elsewhere torch's linear
     "keep_masked_attention": {"reference": (("any",), True), "triton": (("cuda",), True)},
+    "rms_norm": {"reference": (("any",), True)},
+    "predicated_linear": {"reference": (("any",), True), "triton": (("cuda",), False)},
 }
 
-MAX_HEAD_DIM = 256  # the attention kernels' limit (csrc/mindskip.h kMaxHeadDim, triton attention_fwd.py)
+
+def ops_of(backend: str) -> tuple[str, ...]:
+    """The ops `backend` implements (from CONTRACT)."""
+    return tuple(op for op, row in CONTRACT.items() if backend in row)
+
+
+def differentiable_of(backend: str) -> tuple[str, ...]:
+    """The ops `backend` implements with a backward (from CONTRACT)."""
+    return tuple(op for op, row in CONTRACT.items() if backend in row and row[backend][1])
+
+
+def support_table() -> str:
+    """CONTRACT as a markdown table: per op and backend, the devices with a kernel and whether it has a backward."""
+    names = NAMES[1:]
+    lines = ["| op | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for op, row in CONTRACT.items():
+        cells = [", ".join(d.upper() if d != "any" else d for d in row[n][0]) + (", backward" if row[n][1] else "")
+                 if n in row else "-" for n in names]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+MAX_HEAD_DIM = 256  # the attention kernels' limit (csrc/mindskip.h kMaxHeadDim; triton attention_fwd.py imports it)
 
 _MODULES: dict[str, ModuleType | None] = {}
 
@@ -107,6 +115,16 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, nee
     corners (D = 0, B = 0) need no special case in every kernel."""
     mod = _resolve(backend, op, device, dtype, needs_grad, head_dim)
     return module("reference") if empty else mod
+
+
+def find(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The module `resolve` would pick for `op` in inference, or None where `backend` cannot run it here (for a
+    caller with a plain-torch fallback, e.g. the predicated projection). Raises nothing: torch.compile traces it."""
+    for name in PREFERENCE.get(device.type, ("reference",)) if backend == "auto" else (backend,):
+        mod = module(name)
+        if mod is not None and mod.supports(op, device, dtype):
+            return mod
+    return None
 
 
 def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mindskip_kernels.backends import ops_of
+
 NAME = "reference"
-OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
-       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention")
+OPS = ops_of(NAME)
 DIFFERENTIABLE = OPS  # plain autograd
 
 
@@ -178,3 +179,11 @@ def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
     out = F.scaled_dot_product_attention(q.to(ct), k.to(ct), v.to(ct), attn_mask=allowed, scale=softmax_scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.to(q.dtype)
+
+
+def predicated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      keep: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias on rows with keep set (fp32 accumulation for low precision), zeros elsewhere."""
+    xc = x.to(compute_dtype(x.dtype))
+    y = F.linear(xc, weight.to(xc.dtype), None if bias is None else bias.to(xc.dtype))
+    return torch.where(keep.unsqueeze(1), y, 0).to(x.dtype)

@@ -13,16 +13,14 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from mindskip_kernels.backends.triton import attention_bwd, compaction, decode, gather_scatter, router_kernels
+from mindskip_kernels.backends import differentiable_of, ops_of
+from mindskip_kernels.backends.triton import attention, cache_attention, compaction, gather_scatter, router_kernels
 from mindskip_kernels.backends.triton import predicated_linear as _predicated
 from mindskip_kernels.backends.triton._common import INTERPRET
 
 NAME = "triton"
-OPS = ("router", "router_from_hidden", "compact", "gather", "gather_norm", "scatter_add", "varlen_attention",
-       "decode_attention", "paged_decode_attention", "paged_varlen_attention", "keep_masked_attention",
-       "predicated_linear")
-# ops with a backward, see backends.resolve(needs_grad=)
-DIFFERENTIABLE = ("router", "gather", "scatter_add", "varlen_attention", "keep_masked_attention")
+OPS = ops_of(NAME)
+DIFFERENTIABLE = differentiable_of(NAME)  # ops with a backward, see backends.resolve(needs_grad=)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -75,28 +73,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float) -> torch.Tensor:
     """Flash attention over packed sequences (bottom-right causal, GQA) -> [Tq, Hq, Dh]."""
-    return attention_bwd.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return attention.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                causal, softmax_scale)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                           softmax_scale: float) -> torch.Tensor:
     """Causal attention on [B, Hq, N, Dh] where query i sees key j iff j <= i and (keep[b, j] or j == i)."""
-    return attention_bwd.KeepMaskedAttention.apply(q, k, v, keep, softmax_scale)
+    return attention.KeepMaskedAttention.apply(q, k, v, keep, softmax_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
     """One query per sequence against its cache rows 0..cache_seqlens[b]-1 (dense, or paged pools read in
     place through `block_table`) -> [B, Hq, Dh]."""
-    return decode.decode_op(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale)
+    return cache_attention.decode_op(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale)
 
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
                            softmax_scale: float) -> torch.Tensor:
     """Packed queries against paged pools read through the block table (prefill with a cache) -> [Tq, Hq, Dh]."""
-    return decode.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
+    return cache_attention.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
                                   causal, softmax_scale)
 
 

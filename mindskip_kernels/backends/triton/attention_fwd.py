@@ -11,12 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from mindskip_kernels.backends import MAX_HEAD_DIM
 from mindskip_kernels.backends._alloc import empty
 from mindskip_kernels.backends.triton._common import autotune, dot_precision, fix_bf16, pow2, rounded
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_HEAD_DIM = 256
 Tensor = torch.Tensor
 
 
@@ -208,7 +208,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out, lse
 
 
-# --- custom ops (namespace mindskip_triton, fake implementations for torch.compile); autograd in attention_bwd --
+# --- custom ops (namespace mindskip_triton, fake implementations for torch.compile); autograd in attention.py ---
 
 @torch.library.custom_op("mindskip_triton::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -1,6 +1,7 @@
-"""Decode attention (one query per sequence against a ragged KV cache, dense or paged), split along the cache
-length so a small batch still fills the GPU: each program attends all query heads of one KV head (GQA
-without expansion) over one chunk, then a combine pass merges the chunks by their log-sum-exp.
+"""Attention over a K/V cache. Decode attention (one query per sequence against a ragged KV cache, dense or
+paged) is split along the cache length so a small batch still fills the GPU: each program attends all query
+heads of one KV head (GQA without expansion) over one chunk, then a combine pass merges the chunks by their
+log-sum-exp.
 
 The cache is dense [B, S, Hkv, Dh] or a paged pool [num_blocks, block_size, Hkv, Dh] read in place through
 an int32 block table (vLLM / flash-attention layout); one kernel body, rows addressed by `_cache_rows`. The

@@ -2,7 +2,7 @@
 
 Two halves, because `@triton.jit` picks the interpreter or the compiler when the module is imported:
 `record_launches()` (under TRITON_INTERPRET=1) records each kernel launch's argument types and constexprs
-while ordinary calls run; `python -m mindskip_kernels.backends.triton.compile_check SPEC.json` (under
+while ordinary calls run; `python -m tests.triton_compile SPEC.json` (under
 TRITON_INTERPRET=0) compiles each recorded kernel with `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", capability, 32))` and prints one JSON result per kernel (including whether the
 PTX uses tensor-core `mma`/`wgmma` instructions).
