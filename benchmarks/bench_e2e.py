@@ -35,8 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
-from mindskip_kernels.cache import RoutedKVLayer  # noqa: E402
-from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing  # noqa: E402
+from mindskip_kernels.integrations.hf import (  # noqa: E402
+    TARGETS,
+    RoutedKVLayer,  # noqa: E402
+    mindskip_layers,
+    new_cache,
+    record_routing,
+)
 
 PRESETS = {
     "cpu-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,

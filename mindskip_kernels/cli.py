@@ -21,9 +21,6 @@ import torch
 
 from mindskip_kernels._checks import GRANULARITIES, TARGETS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
-                   "vocab.txt")
-
 
 def _version(package: str) -> str:
     try:
@@ -55,32 +52,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               tokenizer: str | os.PathLike | None = None):
-    """(model, tokenizer) from a transformers directory or hub name, or a `.gguf` file (dequantized).
-
-    `tokenizer`: a directory or hub name to take the tokenizer from (default: the model's own), for a model
-    folder saved without one; a local folder without tokenizer files is a clear error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = os.fspath(path)
-    kwargs = {}
-    if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model file {path} does not exist")
-        path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
-    tok_path, tok_kwargs = (path, kwargs) if tokenizer is None else (os.fspath(tokenizer), {})
-    if (not tok_kwargs and os.path.isdir(tok_path)
-            and not any(os.path.isfile(os.path.join(tok_path, f)) for f in TOKENIZER_FILES)):
-        raise ValueError(f"{tok_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give one with "
-                         f"--tokenizer DIR_OR_HUB_NAME (load_model(..., tokenizer=...) in Python), or save it into "
-                         f"the folder with tokenizer.save_pretrained({tok_path!r})")
-    tok = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
-    return model.eval(), tok
-
-
 def _load(args: argparse.Namespace):
+    from mindskip_kernels.integrations.hf import load_model
+
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -110,7 +84,7 @@ def _parse_layers(value: str | None) -> int | list[int] | None:
 
 def _tune(args: argparse.Namespace) -> int:
     from mindskip_kernels.integrations.hf import apply_mindskip, mindskip_layers, save_routers
-    from mindskip_kernels.tuning import _distributed, plot_history, router_tune, write_log
+    from mindskip_kernels.tuning import distributed, plot_history, router_tune, write_log
 
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
@@ -121,7 +95,7 @@ def _tune(args: argparse.Namespace) -> int:
                           sparsity_weight=args.sparsity_weight, target_capacity=args.target_capacity,
                           max_length=args.max_length, precision=args.precision, calibration=args.calibration_data,
                           seed=args.seed)
-    rank, world = _distributed()
+    rank, world = distributed()
     if rank == 0:
         info = {"rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr, "seed": args.seed,
                 "sink_tokens": args.sink_tokens, "target": args.target, "data": os.fspath(args.data)}
@@ -154,7 +128,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _export_layers(args: argparse.Namespace) -> int:
     from mindskip_kernels.integrations.hf import load_routers, mindskip_layers
-    from mindskip_kernels.layer_drop import export_layers
+    from mindskip_kernels.layer_drop import layers_to_drop_by_keep_rate
     from mindskip_kernels.tuning import evaluate
 
     model, tokenizer = _load(args)
@@ -163,7 +137,7 @@ def _export_layers(args: argparse.Namespace) -> int:
     if len(targets) != 1:
         raise ValueError(f"export-layers exports the routers of one target; {args.routers} routes {targets}")
     rates = evaluate(model, args.data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
-    drop = export_layers(rates, n=args.n, keep=args.keep)
+    drop = layers_to_drop_by_keep_rate(rates, n=args.n, keep=args.keep)
     with open(args.out, "w") as f:
         json.dump({"target": targets[0], "drop": drop, "learned_keep_rates": {str(i): r for i, r in rates.items()}},
                   f, indent=2)

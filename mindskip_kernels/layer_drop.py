@@ -5,8 +5,8 @@ Two ways to choose the layers, both over the routable layers of a transformers c
   Needed"): Attention Drop, MLP Drop and Block Drop remove the target sub-layers whose output changes the
   residual stream least, i.e. with the highest cosine similarity between the sub-layer's input x and its
   output x + f(x) (for the block: its input and output) on calibration data.
-- `export_layers`: from tuned MindSkip routers, drop the layers whose learned keep rate is lowest (or, without
-  a count, those whose keep rate rounds to 0).
+- `layers_to_drop_by_keep_rate`: from tuned MindSkip routers, drop the layers whose learned keep rate is lowest
+  (or, without a count, those whose keep rate rounds to 0).
 `drop_sublayers` applies a choice. The dropped forward of a layer, by target:
 attention -> x + MLP(LN2(x)); mlp -> x + Attn(LN1(x)); block -> x.
 """
@@ -25,10 +25,10 @@ from mindskip_kernels.data import Data, as_items, collate
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a supported model (the dropped forwards and hooks assume its block layout)."""
-    from mindskip_kernels.integrations.hf import _base_model, _check_supported  # imports transformers: when used
+    from mindskip_kernels.integrations.hf import base_model, check_supported  # imports transformers: when used
 
-    _check_supported(model)
-    return _base_model(model).layers
+    check_supported(model)
+    return base_model(model).layers
 
 
 def _check_unchanged(all_layers: nn.ModuleList, chosen: Sequence[int], what: str) -> None:
@@ -42,9 +42,9 @@ def _check_unchanged(all_layers: nn.ModuleList, chosen: Sequence[int], what: str
 
 
 def _candidates(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    from mindskip_kernels.integrations.hf import _choose_layers
+    from mindskip_kernels.integrations.hf import choose_layers
 
-    return _choose_layers(len(_layers(model)), None if layers is None else list(layers))
+    return choose_layers(len(_layers(model)), None if layers is None else list(layers))
 
 
 def _n_drop(n: int | None, keep: float | None, candidates: int) -> int:
@@ -81,7 +81,7 @@ def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "atten
     Layers patched by `apply_mindskip` or already dropped cannot be dropped (reload the model). A layer whose
     attention is dropped ("attention", "block") stores no K/V; generation with a cache needs layer 0 to keep its
     attention (transformers reads the cache length from it)."""
-    from mindskip_kernels.integrations.hf import _dense_attention
+    from mindskip_kernels.integrations.hf import dense_attention
 
     check.target(target)
     all_layers = _layers(model)
@@ -90,7 +90,7 @@ def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "atten
     if bad:
         raise ValueError(f"layers must be decoder layer indices in [0, {len(all_layers) - 1}], got {bad}")
     _check_unchanged(all_layers, chosen, "drop sub-layers")
-    forward = {"attention": _attention_free_forward, "mlp": _dense_attention, "block": _block_free_forward}[target]
+    forward = {"attention": _attention_free_forward, "mlp": dense_attention, "block": _block_free_forward}[target]
     for i in chosen:
         all_layers[i].forward = types.MethodType(forward, all_layers[i])
         all_layers[i].dropped = target
@@ -156,7 +156,8 @@ def sublayer_similarity(model: nn.Module, data: Data, tokenizer=None, *, target:
     return {i: s / max(total, 1) for i, s in sums.items()}
 
 
-def most_similar(similarity: dict[int, float], *, n: int | None = None, keep: float | None = None) -> list[int]:
+def layers_to_drop_by_similarity(similarity: dict[int, float], *, n: int | None = None,
+                                 keep: float | None = None) -> list[int]:
     """The `n` layers (or all but the fraction `keep`) with the highest similarity, ascending (ties: lower
     index first): the training-free drop's choice."""
     return _lowest({i: -s for i, s in similarity.items()}, _n_drop(n, keep, len(similarity)))
@@ -170,12 +171,13 @@ def layer_drop(model: nn.Module, data: Data, tokenizer=None, *, target: str = "a
     routed layers). Returns the dropped layer indices, ascending."""
     similarity = sublayer_similarity(model, data, tokenizer, target=target, layers=layers, batch_size=batch_size,
                                      max_length=max_length)
-    chosen = most_similar(similarity, n=n, keep=keep)
+    chosen = layers_to_drop_by_similarity(similarity, n=n, keep=keep)
     drop_sublayers(model, chosen, target)
     return chosen
 
 
-def export_layers(keep_rates: dict[int, float], *, n: int | None = None, keep: float | None = None) -> list[int]:
+def layers_to_drop_by_keep_rate(keep_rates: dict[int, float], *, n: int | None = None,
+                                keep: float | None = None) -> list[int]:
     """The layers to drop from tuned routers' learned per-layer keep rates (e.g. `evaluate(...).keep_rates` or
     `record_routing(...).keep_rates()`): the `n` lowest (or all but the fraction `keep`), or, with neither,
     every layer whose keep rate rounds to 0. Returns indices, ascending."""

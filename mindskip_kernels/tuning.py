@@ -42,7 +42,7 @@ def _hf():
     return hf
 
 
-def _distributed() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group that torchrun / accelerate launch describe in the
     environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,7 +138,7 @@ def router_tune(model: nn.Module, data: Data, tokenizer=None, *, keep: float | N
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     items = as_items(data, tokenizer, max_length)
     calib_items = items[:calibration_items] if calibration is None else as_items(calibration, tokenizer, max_length)
-    rank, world = _distributed()
+    rank, world = distributed()
     device = next(model.parameters()).device
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 

@@ -12,7 +12,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mindskip_kernels as mk
-from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import TARGETS, new_cache, record_routing
 from tests.test_generate import left_padded_prompts
 from tests.test_hf import randomize_routers, tiny_model
@@ -22,12 +21,6 @@ ROUTED = [0, 1, 2]
 DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique",
                   "_unique2", "unique_consecutive", "unique_dim", "equal", "is_nonzero", "repeat_interleave",
                   "_assert_async", "bincount", "histc"}
-
-
-@pytest.fixture(autouse=True)
-def _device_path(monkeypatch):
-    """Run the decode path accelerators run (the CPU's free host compaction switched off)."""
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
 
 
 class HostReads(TorchDispatchMode):
@@ -80,7 +73,8 @@ def _decode_setup(model, cache, steps: int = 2):
 
 def _patched(granularity: str, backend: str = "auto", target: str = "attention"):
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target)
+    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target,
+                      host_compact=False)  # the decode path accelerators run
     torch.manual_seed(2)
     randomize_routers(model, std=4.0)
     return model

@@ -10,9 +10,9 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import available
-from mindskip_kernels.cache import MindSkipCache, RoutedKVLayer
-from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing
+from mindskip_kernels.integrations.hf.cache import MindSkipCache, RoutedKVLayer
+from mindskip_kernels.integrations.hf.forward import decode_projection
 from mindskip_kernels.kv_pool import PoolFullError
 from tests.harness import backend_params
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
@@ -100,9 +100,8 @@ def test_cached_equals_recompute_every_backend(backend, granularity, host_compac
     (the CPU's host compaction of kept rows, and the fixed-shape device path accelerators run)."""
     if backend == "triton" and host_compact:
         pytest.skip("Triton runs on CUDA, where the device path runs (the interpreter is slow: test that one)")
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", host_compact)
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, backend=backend)
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, backend=backend, host_compact=host_compact)
     torch.manual_seed(5)
     randomize_routers(model, std=4.0)
     ids, mask = left_padded_prompts([9, 5, 2], 5)
@@ -128,9 +127,9 @@ def test_batch_one_device_path_projects_through_the_predicated_gemv(granularity,
     calls = []
     real = tri.predicated_linear
     monkeypatch.setattr(tri, "predicated_linear", lambda *a: calls.append(bool(a[3].all())) or real(*a))
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, backend="triton", target=target)
+    mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, backend="triton", target=target,
+                      host_compact=False)
     torch.manual_seed(3)
     randomize_routers(model, std=4.0)
     ids = torch.randint(1, 97, (1, 7))
@@ -155,7 +154,7 @@ def test_predicated_projection_runs_a_wrapped_linear_through_its_own_forward():
             return 2 * super().forward(x)
 
     keep = torch.tensor([True])
-    project = hf._predicated("triton", keep, torch.zeros(1, 8))
+    project = decode_projection("triton", keep, torch.zeros(1, 8))
     rows = torch.randn(1, 8)
     plain, wrapped = torch.nn.Linear(8, 4), Doubled(8, 4)
     with torch.no_grad():
@@ -205,7 +204,7 @@ def test_cache_holds_only_kept_tokens_within_block_rounding():
     cache = run_cache(model, ids, mask)
     dense_layer = cache.layers[3]
     per_token = 2 * dense_layer.keys.shape[1] * dense_layer.keys.shape[3] * dense_layer.keys.element_size()
-    assert dense_layer.keys.shape[2] == cache.layers[0].seen == ids.shape[1] + 6
+    assert dense_layer.keys.shape[2] == cache.routing_state(0).seen == ids.shape[1] + 6
     for i in (0, 1, 2):
         layer = cache.layers[i]
         assert isinstance(layer, RoutedKVLayer)
@@ -223,7 +222,7 @@ def test_sequence_skip_never_allocates():
     cache = run_cache(model, ids, mask)
     for i in (0, 1, 2):
         assert cache.layers[i].nbytes() == 0 and cache.layers[i].blocks_used == 0
-        assert cache.layers[i].decision.tolist() == [False, False]
+        assert cache.routing_state(i).decision.tolist() == [False, False]
 
 
 def test_beam_search_refused_and_sampling_runs():
@@ -251,9 +250,8 @@ def test_plain_dynamic_cache_refused():
 def test_static_unrouted_layers_decode_like_dynamic(target, monkeypatch):
     """new_cache(static=True) (what a whole-step CUDA graph needs: static unrouted layers, and the MLP target's
     attention layers, a fixed pool) decodes exactly like the default cache, on the device path."""
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=[1, 2], target=target)
+    mk.apply_mindskip(model, layers=[1, 2], target=target, host_compact=False)
     randomize_routers(model)
     ids = torch.randint(1, 97, (2, 7))
     logits = []

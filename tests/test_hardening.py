@@ -288,7 +288,8 @@ def test_model_folder_without_tokenizer(tmp_path, capsys):
     """The error names DIR and says how to give a tokenizer; --tokenizer DIR loads one from elsewhere."""
     import transformers
 
-    from mindskip_kernels.cli import load_model, main
+    from mindskip_kernels.cli import main
+    from mindskip_kernels.integrations.hf import load_model
 
     config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1)

@@ -11,9 +11,9 @@ from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers
 from mindskip_kernels.layer_drop import (
     drop_sublayers,
     dropped_layers,
-    export_layers,
     layer_drop,
-    most_similar,
+    layers_to_drop_by_keep_rate,
+    layers_to_drop_by_similarity,
     sublayer_similarity,
 )
 from tests.test_generate import greedy, left_padded_prompts
@@ -116,18 +116,18 @@ def test_layer_drop_removes_the_most_similar_layers(target):
 
 def test_most_similar_breaks_ties_by_index():
     similarity = {3: 0.5, 2: 0.9, 1: 0.9, 0: 0.1}  # the tied layers inserted high index first
-    assert most_similar(similarity, n=1) == [1]
-    assert most_similar(similarity, n=2) == [1, 2]
-    assert most_similar(similarity, keep=0.25) == [1, 2, 3]
+    assert layers_to_drop_by_similarity(similarity, n=1) == [1]
+    assert layers_to_drop_by_similarity(similarity, n=2) == [1, 2]
+    assert layers_to_drop_by_similarity(similarity, keep=0.25) == [1, 2, 3]
 
 
 def test_export_layers_from_learned_keep_rates():
     rates = {3: 0.9, 4: 0.1, 5: 0.45, 6: 0.55, 7: 0.0}
-    assert export_layers(rates) == [4, 5, 7]
-    assert export_layers(rates, n=2) == [4, 7]
-    assert export_layers(rates, keep=0.4) == [4, 5, 7]
+    assert layers_to_drop_by_keep_rate(rates) == [4, 5, 7]
+    assert layers_to_drop_by_keep_rate(rates, n=2) == [4, 7]
+    assert layers_to_drop_by_keep_rate(rates, keep=0.4) == [4, 5, 7]
     with pytest.raises(ValueError, match="empty"):
-        export_layers({})
+        layers_to_drop_by_keep_rate({})
 
 
 def test_drop_sublayers_refuses_bad_input_and_changes_nothing():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.cache import RoutedKVLayer
 from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
+from mindskip_kernels.integrations.hf.cache import RoutedKVLayer
 from tests.harness import backend_params
 from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation, run_cache
 from tests.test_hf import ARCHS, randomize_routers, tiny_model
@@ -253,9 +253,8 @@ def test_block_cache_holds_only_kept_tokens_and_mlp_layers_a_dense_one():
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("host_compact", [True, False])
 def test_token_granularity_cached_generation_equals_recompute(arch, target, host_compact, monkeypatch):
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", host_compact)
     model = distinct_norms(tiny_model(arch))
-    mk.apply_mindskip(model, layers=[0, 2], target=target)
+    mk.apply_mindskip(model, layers=[0, 2], target=target, host_compact=host_compact)
     torch.manual_seed(2)
     randomize_routers(model)
     ids, mask = left_padded_prompts([9, 5, 2], 1)
@@ -325,11 +324,10 @@ def test_cli_tune_target(tmp_path, request):
 def test_every_backend_matches_the_reference_and_generates_like_recompute(backend, target, monkeypatch):
     """Prefill logits of each backend against the reference backend, and cached greedy decoding (the device
     path, which the interpreter's Triton takes) == recomputation, through each backend's kernels."""
-    monkeypatch.setattr(hf, "HOST_COMPACT_ON_CPU", False)
     models = {}
-    for name in ("reference", backend):
+    for name in ("reference", backend):  # the device path, which the interpreter's Triton takes
         models[name] = mk.apply_mindskip(distinct_norms(tiny_model("qwen3")), layers=[0, 2], target=target,
-                                         backend=name)
+                                         backend=name, host_compact=False)
         torch.manual_seed(6)
         randomize_routers(models[name])
     ids, mask = left_padded_prompts([9, 5, 2], 6)

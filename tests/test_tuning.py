@@ -220,7 +220,7 @@ def test_cli_tune_calibrate_export_eval(tmp_path, saved_model, capsys):
           "--max-length", "32", "--backend", "reference", "--out", str(recal)])
     meta2 = json.loads((recal / "mindskip.json").read_text())
     assert abs(meta2["tuning"]["calibration_keep"] - 0.75) <= 0.03 and meta2["threshold"] != meta["threshold"]
-    from mindskip_kernels.cli import load_model
+    from mindskip_kernels.integrations.hf import load_model
 
     model, tok = load_model(saved_model)
     mk.load_routers(model, recal, backend="reference")
@@ -251,7 +251,7 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
     script.write_text(textwrap.dedent(f"""
         import os, torch
         import mindskip_kernels as mk
-        from mindskip_kernels.cli import load_model
+        from mindskip_kernels.integrations.hf import load_model
         from mindskip_kernels.tuning import router_tune
         model, tok = load_model({str(saved_model)!r})
         mk.apply_mindskip(model, backend="reference")
@@ -279,7 +279,8 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
 
 
 def test_cli_export_layers_of_the_block_target_and_eval(tmp_path, saved_model, capsys):
-    from mindskip_kernels.cli import load_model, main
+    from mindskip_kernels.cli import main
+    from mindskip_kernels.integrations.hf import load_model
 
     model, _ = load_model(saved_model)
     mk.apply_mindskip(model, target="block", backend="reference")

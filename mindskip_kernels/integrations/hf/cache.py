@@ -11,7 +11,11 @@ host-side bound of the lengths says it may overflow (one read of the lengths at 
 `kv_pool`); `generate` reserves the block tables for its maximum length. Give `num_blocks` (per routed
 layer) or `max_bytes` (all routed layers together) for a fixed pool that never reallocates: what a decode
 loop captured in a CUDA graph needs; with `static=True` the unrouted layers are transformers' StaticLayer,
-so a whole model's decode step can be captured (benchmarks/bench_e2e.py --graph-decode).
+so a whole model's decode step can be captured (benchmarks/bench_graph_decode.py).
+
+Decode state has one owner: the cache holds a `RoutingState` per routed layer (how many positions the layer
+has seen, and the stored per-sequence decision of sequence granularity), whatever the target: a paged layer's
+is its `RoutedKVLayer`'s, an MLP-target layer (a dense cache layer: attention runs for every token) has its own.
 """
 
 from __future__ import annotations
@@ -21,18 +25,33 @@ import math
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticLayer
 
-from mindskip_kernels.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool
+from mindskip_kernels.kv_pool import DEFAULT_BLOCK_SIZE, PagedKVPool, blocks_for_bytes
 from mindskip_kernels.ops import decode_attention, paged_varlen_attention
 from mindskip_kernels.routing import RoutingPlan
 
 
-class RoutedKVLayer(CacheLayerMixin):
-    """Paged K/V of the kept tokens of one routed layer (a `PagedKVPool`, created at the first append).
+class RoutingState:
+    """A routed layer's decode state: `seen`, the token positions it has processed (kept or not: what
+    transformers asks a cache layer for), and `decision`, the per-sequence prefill decision [B] bool of
+    sequence granularity (on the device), reused for every later token."""
 
-    `seen` is the number of token positions the layer has processed (kept or not), which is what
-    transformers asks for. `decision` [B] bool holds the per-sequence prefill decision for sequence
-    granularity, on the device.
-    """
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.decision: torch.Tensor | None = None
+
+    def advance(self, num_tokens: int, decision: torch.Tensor | None) -> None:
+        """After a forward over `num_tokens` new positions: count them, and store a new decision if one was made."""
+        self.seen += num_tokens
+        if decision is not None:
+            self.decision = decision
+
+
+class RoutedKVLayer(CacheLayerMixin):
+    """Paged K/V of the kept tokens of one routed layer (a `PagedKVPool`, created at the first append), and
+    the layer's `routing` state (`RoutingState`)."""
 
     is_sliding = False
     is_compileable = False
@@ -43,12 +62,12 @@ class RoutedKVLayer(CacheLayerMixin):
         super().__init__()
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.num_blocks, self.max_length = num_blocks, max_length
+        self.routing = RoutingState()
         self.reset()
 
     def reset(self) -> None:
-        self.seen = 0
+        self.routing.reset()
         self.pool: PagedKVPool | None = None
-        self.decision: torch.Tensor | None = None
 
     # transformers' view of this layer: as long as the dense one would be
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,10 +77,10 @@ class RoutedKVLayer(CacheLayerMixin):
         raise RuntimeError("RoutedKVLayer is filled by MindSkip layers, not by transformers' cache.update")
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.routing.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return self.routing.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -143,13 +162,13 @@ class MindSkipCache(DynamicCache):
     tokens, so `nbytes() / dense_nbytes()` shows the saving.
     """
 
-    def __init__(self, config, routed_layers: list[int], block_size: int = DEFAULT_BLOCK_SIZE, *,
+    def __init__(self, config, paged_layers: list[int], block_size: int = DEFAULT_BLOCK_SIZE, *,
                  num_blocks: int | None = None, max_bytes: int | None = None, max_length: int | None = None,
-                 dtype: torch.dtype | None = None, static: bool = False) -> None:
+                 dtype: torch.dtype | None = None, static: bool = False, dense_routed_layers: tuple[int, ...] = ()
+                 ) -> None:
+        """paged_layers: the routed layers whose cache holds kept K/V only (a `RoutedKVLayer` each);
+        dense_routed_layers: routed layers with an ordinary cache layer (the MLP target)."""
         super().__init__(config=config)
-        # per-sequence decisions [B] (sequence granularity) of routed layers that keep a dense cache layer
-        # (the MLP target: attention runs for every token); a RoutedKVLayer holds its own
-        self.decisions: dict[int, torch.Tensor] = {}
         if static:  # unrouted layers as transformers' StaticLayer: the whole decode step can be graph-captured
             if max_length is None:
                 raise ValueError("static=True needs max_length (the static layers' capacity)")
@@ -160,20 +179,33 @@ class MindSkipCache(DynamicCache):
                 raise ValueError("give at most one of num_blocks and max_bytes")
             dtype = dtype or getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            per_block = PagedKVPool.block_bytes(block_size, config.num_key_value_heads, head_dim, dtype)
-            num_blocks = int(max_bytes) // (per_block * max(len(routed_layers), 1))
-        for i in routed_layers:
+            num_blocks = blocks_for_bytes(max_bytes, block_size, config.num_key_value_heads, head_dim, dtype,
+                                          pools=max(len(paged_layers), 1))
+        for i in paged_layers:
             self.layers[i] = RoutedKVLayer(config.num_key_value_heads, head_dim, block_size, num_blocks=num_blocks,
                                            max_length=max_length)
             # static: every layer has fixed shapes, so transformers builds the full static-size mask in decode
             # (a non-compileable cache lets SDPA skip the mask for one query, which static layers cannot take)
             self.layers[i].is_compileable = static
+        self.routing = {i: self.layers[i].routing for i in paged_layers} | {i: RoutingState()
+                                                                             for i in dense_routed_layers}
 
-    def routed_layer(self, layer_idx: int) -> RoutedKVLayer:
+    def routing_state(self, layer_idx: int) -> RoutingState:
+        """The decode state of routed layer `layer_idx` (TypeError if this cache does not route it)."""
+        if layer_idx not in self.routing:
+            raise TypeError(f"layer {layer_idx} of this MindSkipCache is not routed; build the cache for this model "
+                            f"(new_cache(model))")
+        return self.routing[layer_idx]
+
+    def kv_layer(self, layer_idx: int) -> RoutedKVLayer | None:
+        """The kept-only paged K/V of a routed layer, or None where the layer keeps a dense cache layer."""
         layer = self.layers[layer_idx]
-        if not isinstance(layer, RoutedKVLayer):
-            raise TypeError(f"layer {layer_idx} of this MindSkipCache is not routed; build the cache for this model")
-        return layer
+        return layer if isinstance(layer, RoutedKVLayer) else None
+
+    def reset(self) -> None:
+        super().reset()
+        for state in self.routing.values():
+            state.reset()
 
     def nbytes(self) -> int:
         total = 0
