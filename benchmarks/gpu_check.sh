@@ -44,7 +44,7 @@ step bench_layer 50 python benchmarks/bench_layer.py --device cuda --dtype bfloa
 step bench_e2e 50 python benchmarks/bench_e2e.py --model llama3-8b --seq-len 2048 --skip 0.5 --decode-steps 16 --repeats 2 \
   --csv "$results/e2e.csv" --plot "$results/e2e.png"
 # decode tokens/s with whole-step CUDA graphs: dense (HF StaticCache) vs MindSkip (fixed pool), batch 1 and 8
-step bench_decode 60 python benchmarks/bench_e2e.py --model llama3-8b --graph-decode --shapes 1x512 8x512 \
+step bench_decode 60 python benchmarks/bench_graph_decode.py --model llama3-8b --shapes 1x512 8x512 \
   --skip 0.5 --decode-steps 16 --repeats 2 --csv "$results/decode_graphs.csv"
 
 echo
