@@ -3,14 +3,17 @@ backend: matmul + sigmoid, nonzero + cumsum, index_select, index_add, padded SDP
 attention also against torch's varlen_attn, compiled FlexAttention and flash-attn (benchmarks/baselines.py).
 Keep-masked attention (Router-Tuning's training attention) is timed forward + backward; on CUDA beside
 compiled FlexAttention with a mask_mod reading the keep flags, SDPA with the materialised [B, 1, N, N] mask,
-and dense causal SDPA (the floor: it ignores the keep flags).
+and dense causal SDPA (the floor: it ignores the keep flags). The predicated GEMV of a decode row (Triton, CUDA:
+a skipped row reads no weight) is timed with all rows kept and all skipped at an attention layer's q/k/v/o
+projection shapes (Llama-3-8B's on CUDA), batch 1 and 8, against F.linear (cuBLAS).
 
     python benchmarks/bench_kernels.py                 # CPU, or CUDA when present; < 1 min on CPU
     python benchmarks/bench_kernels.py --smoke         # tiny sizes, a few seconds (CI)
     python benchmarks/bench_kernels.py --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
 
 Prints one row per (op, dtype, backend): median time, p20/p80, GB/s on CUDA (bytes an ideal kernel must
-move), and the speedup over the reference backend measured in the same process.
+move), and the speedup over the op's baseline measured in the same process: the reference backend, or for
+the predicated GEMV (no reference) F.linear.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Case:
     bytes: int                        # minimum bytes moved (for GB/s)
     call: Callable[[object], object]  # backend module -> result
     mode: str = "fwd"                 # what `call` runs: "fwd" or "fwd+bwd"
+    baseline: str = "reference"       # the provider the speedup is over
 
 
 def sizes(device: torch.device, smoke: bool) -> dict[str, int]:
@@ -98,7 +102,45 @@ def cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[
                     (qv.numel() * 2 + kv.numel() * 2) * es,
                     lambda m: m.varlen_attention(qv, kv, kv, cu, cu, lv, lv, True, dh**-0.5)))
     out.append(keep_attention_case(device, dtype, sz))
+    return out + predicated_linear_cases(device, dtype, sz)
+
+
+LINEAR = "F.linear(cuBLAS)"  # the predicated GEMV's baseline (CUDA)
+
+
+def predicated_linear_cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> list[Case]:
+    """The projections of a decode row, x [B, K] @ W[N, K]^T, at an attention layer's q/k/v/o shapes, batch 1
+    and 8, every row kept or every row skipped (a skipped row should cost about a launch)."""
+    d, hq, hkv, dh = sz["D"], sz["Hq"], sz["Hkv"], sz["Dh"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    projections = {"q_proj": (hq * dh, d), "k_proj": (hkv * dh, d), "v_proj": (hkv * dh, d), "o_proj": (d, hq * dh)}
+    out = []
+    for batch in (1, 8):
+        for proj, (n, k) in projections.items():
+            w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+            x = torch.randn(batch, k, device=device).to(dtype)
+            for label, flag in (("kept", True), ("skipped", False)):
+                keep = torch.full((batch,), flag, device=device)
+                moved = (n * k + batch * k) * es if flag else 0  # weight and rows, read only when kept
+                out.append(Case("predicated_linear", f"predicated_linear {label}", dtype, f"B{batch} {proj} {n}x{k}",
+                                moved + batch * (n * es + 1), gemv(x, w, keep), baseline=LINEAR))
     return out
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    return lambda m: m.predicated_linear(x, w, None, keep)
+
+
+def linear_baseline(device: torch.device) -> dict[str, SimpleNamespace]:
+    """A pseudo-backend for predicated_linear on CUDA: F.linear (cuBLAS), which reads the weight whatever the
+    keep flags."""
+    if device.type != "cuda":
+        return {}
+
+    def supports(op: str, dev: torch.device, dtype: torch.dtype) -> bool:
+        return op == "predicated_linear" and dev.type == "cuda"
+
+    return {LINEAR: SimpleNamespace(supports=supports, predicated_linear=lambda x, w, b, keep: F.linear(x, w, b))}
 
 
 def keep_attention_case(device: torch.device, dtype: torch.dtype, sz: dict[str, int]) -> Case:
@@ -194,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--csv", help="write rows to this CSV (benchmarks/harness.py schema)")
-    parser.add_argument("--plot", help="write a PNG of the speedups over the reference")
+    parser.add_argument("--plot", help="write a PNG of the speedups over the baseline")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -205,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     modules = {name: importlib.import_module(f"mindskip_kernels.backends.{name}") for name in providers(device)}
     modules |= baselines.available(device)  # external varlen attention libraries, side by side (CUDA)
     modules |= keep_attention_baselines(device)
+    modules |= linear_baseline(device)
     all_cases = [compaction_case(device, sz)]
     for name in args.dtypes.split(","):
         all_cases += cases(device, getattr(torch, name), sz)
@@ -214,12 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = device_name(device)
     for case in all_cases:
         ref_ms = None
-        for name, mod in modules.items():
+        for name in sorted(modules, key=lambda name, case=case: name != case.baseline):  # the baseline first
+            mod = modules[name]
             dtype = torch.float32 if case.dtype == torch.bool else case.dtype
             if not mod.supports(case.op, device, dtype):
                 continue
             p50, p20, p80 = measure(lambda mod=mod, case=case: case.call(mod), device, repeats=repeats)
-            ref_ms = p50 if name == "reference" else ref_ms
+            ref_ms = p50 if name == case.baseline else ref_ms
             speedup = ref_ms / p50 if ref_ms else float("nan")
             gbs = case.bytes / p50 / 1e6 if device.type == "cuda" else float("nan")
             dt = str(case.dtype).removeprefix("torch.")
@@ -227,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                             dev_name))
             table.append([case.label, dt, case.shape, name, p50, p20, p80, gbs, speedup])
     print(f"device: {dev_name}, torch {torch.__version__}")
-    print_table(["op", "dtype", "shape", "backend", "p50 ms", "p20 ms", "p80 ms", "GB/s", "x vs reference"], table)
+    print_table(["op", "dtype", "shape", "backend", "p50 ms", "p20 ms", "p80 ms", "GB/s", "x vs baseline"], table)
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
@@ -236,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(table: list[list[object]], path: str, title: str) -> None:
-    """Bar chart of the speedup over the reference, one bar per (op, dtype, backend)."""
+    """Bar chart of the speedup over the baseline, one bar per (op, dtype, backend)."""
     plt = pyplot()
 
-    bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] != "reference"]
+    bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] not in ("reference", LINEAR)]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars)), 4))
     ax.bar(range(len(bars)), [s for _, s in bars])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(bars)), [label for label, _ in bars], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over reference (x)")
+    ax.set_ylabel("speedup over the baseline (x)")
     ax.set_title(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -72,6 +72,11 @@ def measure(fn: Callable[..., object], device: torch.device, *, warmup: int = 3,
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time_s:
         times.append(once())
+    return percentiles(times)
+
+
+def percentiles(times: list[float]) -> tuple[float, float, float]:
+    """(p50, p20, p80) of some times (one time: that time thrice)."""
     if len(times) == 1:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")

@@ -1,0 +1,155 @@
+"""Shared pieces of the model-level benchmarks (bench_e2e, bench_graph_decode, bench_fused_norm): the model
+presets and their construction, the routed copy, threshold calibration, the prefill and decode steps, the
+options every model-level script takes, Amdahl's "ideal", and the decode K/V byte and memory accounting.
+
+Routers sit on the last half of the layers minus the final one (the paper's choice). For each skip fraction,
+every routed layer's threshold is calibrated on the prompt so that that fraction of its tokens skips the
+routed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import torch
+import transformers
+
+import mindskip_kernels as mk
+from mindskip_kernels.integrations.hf import TARGETS, RoutedKVLayer, mindskip_layers, new_cache, record_routing
+
+__all__ = ["PRESETS", "SMOKE", "TARGETS", "amdahl", "build_model", "calibrate", "decode", "decode_bytes",
+           "mindskip_layers", "new_cache", "parse", "parser", "prefill", "routed_memory", "routed_model"]
+
+PRESETS = {
+    "cpu-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=8192),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+# --smoke: what it overrides (the options a script has), a few seconds on the CPU (CI)
+SMOKE = dict(model="smoke", seq_len=32, decode_steps=4, repeats=1, shapes=None)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every model-level benchmark takes; a script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--model", default="llama3-8b" if cuda else "cpu-small",
+                   help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face model directory")
+    p.add_argument("--skip", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75],
+                   help="fractions of tokens skipped in each routed layer")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if cuda else "float32")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--csv")
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes, a few seconds (CI)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None
+          ) -> tuple[argparse.Namespace, torch.device, torch.dtype, list[tuple[int, int]]]:
+    """(args with --smoke applied, device, dtype, prompt shapes (batch, seq_len): --shapes where the script
+    has it, else --batch x --seq-len)."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            if hasattr(args, name):
+                setattr(args, name, value)
+    for s in args.skip:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--skip values must be in [0, 1), got {s}")
+    names = getattr(args, "shapes", None) or [f"{args.batch}x{args.seq_len}"]
+    shapes = [tuple(int(n) for n in s.lower().split("x")) for s in names]
+    return args, torch.device(args.device), getattr(torch, args.dtype), shapes
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    if name in PRESETS:
+        config = transformers.LlamaConfig(**PRESETS[name], max_position_embeddings=8192,
+                                          attn_implementation="sdpa")
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config).to(dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def routed_model(dense: torch.nn.Module, target: str, backend: str) -> torch.nn.Module:
+    """A copy of `dense` with random routers (scores spread out, so the calibrated thresholds skip real
+    fractions) on the paper's layers, routing `target`."""
+    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target)
+    for layer in mindskip_layers(model).values():
+        torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    return model
+
+
+def calibrate(model: torch.nn.Module, ids: torch.Tensor, skip: float) -> None:
+    """Set each routed layer's threshold to the `skip` quantile of its scores on `ids`, layer by layer (a
+    layer's input depends on what the earlier ones skipped); skip >= 1 skips everything."""
+    layers = mindskip_layers(model)
+    for layer in layers.values():
+        layer.mindskip.threshold = 1.0 if skip >= 1 else 0.0
+    if not 0 < skip < 1:
+        return
+    for i, layer in layers.items():
+        with torch.no_grad(), record_routing(model) as rec:
+            model(ids, use_cache=False, logits_to_keep=1)
+        scores = next(e.scores for e in rec.entries if e.layer_idx == i)
+        layer.mindskip.threshold = float(torch.quantile(scores.flatten().double(), skip))
+
+
+def prefill(model, ids, cache_fn):
+    return model(ids, cache=cache_fn(), use_cache=True, logits_to_keep=1)  # as generate() does
+
+
+def decode(model, prefilled, tokens: torch.Tensor, kept: list[dict[int, torch.Tensor]] | None = None):
+    """Decode steps after a prefill's output, feeding tokens [steps, B, 1] (random ids, like the prompt's, so
+    the thresholds calibrated on the prompt skip about the same fraction of them; a random model's greedy
+    output would repeat one token); returns the cache. With `kept` (untimed runs), appends each step's
+    keep flags [B] per routed layer."""
+    cache = prefilled.cache
+    pos = torch.full_like(tokens[0], cache.get_seq_length())
+    for nxt in tokens:
+        with record_routing(model) if kept is not None else contextlib.nullcontext() as rec:
+            model(nxt, cache=cache, use_cache=True, position_ids=pos)
+        pos = pos + 1
+        if kept is not None:
+            kept.append({e.layer_idx: e.keep.flatten() for e in rec.entries})
+    return cache
+
+
+def amdahl(dense_ms: float, none_ms: float, skipped: float) -> float:
+    """Amdahl's law on measured times: the speedup when `skipped` of the routed targets' time goes, that time
+    being dense minus the same model with every routed target skipped (`none_ms`)."""
+    return dense_ms / max(dense_ms - skipped * max(dense_ms - none_ms, 0.0), 1e-9)
+
+
+def decode_bytes(model, cache, last: dict[int, torch.Tensor]) -> tuple[float, float, float]:
+    """K/V bytes per routed layer in the last decode step, whose keep flags per layer are `last` (mean over
+    routed layers): (read by the paged kernel: the kept sequences' cached rows once, written: the kept new
+    rows, a dense layer's read)."""
+    read = written = 0.0
+    layers = [i for i in mindskip_layers(model) if isinstance(cache.layers[i], RoutedKVLayer)]
+    for i in layers:
+        routed = cache.layers[i]
+        row = 2 * routed.num_kv_heads * routed.head_dim * routed.pool.k.element_size()
+        keep = last[i]
+        read += float((routed.lengths.long() * keep).sum()) * row
+        written += float(keep.sum()) * row
+    dense = keep.numel() * cache.get_seq_length() * row
+    return read / len(layers), written / len(layers), dense
+
+
+def routed_memory(model, cache) -> float:
+    """K/V bytes the routed layers hold, as a fraction of what dense layers would hold for the same tokens."""
+    layers = [i for i in mindskip_layers(model) if isinstance(cache.layers[i], RoutedKVLayer)]
+    per_layer = cache.dense_nbytes() / len(cache.layers)
+    return sum(cache.layers[i].nbytes() for i in layers) / (per_layer * len(layers))
