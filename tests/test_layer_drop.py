@@ -16,8 +16,7 @@ from mindskip_kernels.layer_drop import (
     most_similar,
     sublayer_similarity,
 )
-from tests.test_generate import greedy, left_padded_prompts
-from tests.test_hf import tiny_model
+from tests.models import greedy, left_padded_prompts, tiny_model
 
 
 def items(n: int = 3, length: int = 10) -> list[dict[str, torch.Tensor]]:
