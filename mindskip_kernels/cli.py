@@ -32,7 +32,7 @@ def _version(package: str) -> str:
 def _info(args: argparse.Namespace) -> int:
     """Versions, which backends can run here, and how the compiled extension was built."""
     import mindskip_kernels
-    from mindskip_kernels.backends import available, compiled
+    from mindskip_kernels.backends import available, compiled, support_table
 
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     print(f"mindskip_kernels {mindskip_kernels.__version__}")
@@ -41,6 +41,7 @@ def _info(args: argparse.Namespace) -> int:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
     print(f"device: {torch.get_num_threads()} CPU threads, GPU {gpu}")
     print("backends: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in available().items()))
+    print("ops per backend (devices with a kernel, whether it has a backward):\n" + support_table())
     info = compiled.build_info()
     if not info["built"]:
         print(f"compiled: not built ({info['error']})")

@@ -33,3 +33,26 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Shared model fixtures. tests.models imports the package, which must wait for pytest_configure (above): import
+# it inside the fixtures, never at the top of this file.
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real byte-level BPE tokenizer, trained on the tests' corpus (no download)."""
+    from tests.models import train_tokenizer
+
+    return train_tokenizer()
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    """A directory holding tiny_llama of the tokenizer's vocabulary and the tokenizer (save_pretrained)."""
+    from tests.models import tiny_llama
+
+    path = tmp_path / "tiny"
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,10 +1,12 @@
-"""Shared test harness: the backends under test, random inputs, and the tolerance rule of design.md s.4."""
+"""Shared kernel-test harness: the backends under test, random inputs, the tolerance rule of design.md s.4, and
+the checks several kernel test files run (fused norm, gradients, keep-masked attention, paged caches)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import mindskip_kernels as mk
 from mindskip_kernels.backends import available
 
 _AVAILABLE = available()
@@ -38,6 +40,16 @@ def random_keep(batch: int, seq_len: int, pattern: str, device: str = "cpu") -> 
     return keep
 
 
+def make_keep(batch: int, n: int, pattern: str, device: str = "cpu") -> torch.Tensor:
+    """The harness patterns, plus 'prefix' (only the first 5 tokens kept: later key blocks hold no kept key
+    and are skipped by the kernels, earlier ones are not)."""
+    if pattern == "prefix":
+        keep = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        keep[:, :5] = True
+        return keep
+    return random_keep(batch, n, pattern, device)
+
+
 def assert_within_rule(out: torch.Tensor, low_ref: torch.Tensor, truth: torch.Tensor, name: str = "out") -> None:
     """flash-attention rule: max |out - truth| <= 2 * max |low_ref - truth| (+ a few ulps of fp32).
 
@@ -49,3 +61,104 @@ def assert_within_rule(out: torch.Tensor, low_ref: torch.Tensor, truth: torch.Te
     ref_err = (low_ref.double() - truth).abs().max().item() if out.numel() else 0.0
     floor = 4 * torch.finfo(torch.float32).eps * max(truth.abs().max().item() if truth.numel() else 0.0, 1.0)
     assert err <= 2 * ref_err + floor, f"{name}: max error {err:.3g} > 2 x reference error {ref_err:.3g}"
+
+
+# ---- RMSNorm and gradients (the fused-norm and backward tests) ------------------------------------------------
+
+EPS = 1e-6
+
+
+def rmsnorm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """RMSNorm computed in the precision of x (fp64 for the truth)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * gamma
+
+
+def _grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """[fn(*inputs), d inputs] for the upstream gradient grad_out."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_grads(fn_for, inputs: list[torch.Tensor], grad_out: torch.Tensor, dtype: torch.dtype,
+                 names: list[str]) -> None:
+    """Triton at `dtype` within the tolerance rule of the reference at `dtype`, both against fp64."""
+    low_inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    out = _grads(fn_for("triton"), low_inputs, grad_out.to(dtype))
+    low = _grads(fn_for("reference"), low_inputs, grad_out.to(dtype))
+    truth = _grads(fn_for("reference"), [t.double() if t.is_floating_point() else t for t in low_inputs],
+                   grad_out.to(dtype).double())
+    for name, o, lo, t in zip(names, out, low, truth, strict=True):
+        assert o.dtype == lo.dtype, name
+        assert_within_rule(o, lo, t, name)
+
+
+# ---- keep_masked_attention ------------------------------------------------------------------------------------
+
+
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A differentiable view of t [B, H, N, Dh] in another memory layout: 'padded' (rows of Dh + 8 whose last
+    8 columns are NaN: memory the kernels must never read), 'bnhd' (the [B, N, H, Dh] layout of a projection
+    viewed as heads, as HF models pass it) or 'contiguous'."""
+    if layout == "padded":
+        nan = torch.full((*t.shape[:-1], 8), float("nan"), dtype=t.dtype, device=t.device)
+        return torch.cat([t, nan], dim=-1)[..., : t.shape[-1]]
+    if layout == "bnhd":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+def _forward_backward(backend: str, inputs: list[torch.Tensor], keep: torch.Tensor, grad: torch.Tensor,
+                      layout: str) -> list[torch.Tensor]:
+    """[out, dq, dk, dv] of keep_masked_attention on `layout` views of the inputs (and of the gradient)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = mk.keep_masked_attention(*(_laid_out(t, layout) for t in leaves), keep, backend=backend)
+    out.backward(_laid_out(grad, layout))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_forward_backward(inputs: list[torch.Tensor], keep: torch.Tensor, grad: torch.Tensor, layout: str) -> None:
+    """Triton's out, dq, dk, dv (inputs q, k, v in `layout`) within the tolerance rule of the reference at the
+    inputs' dtype, both against the fp64 reference."""
+    dtype = inputs[0].dtype
+    out = _forward_backward("triton", inputs, keep, grad, layout)
+    low = _forward_backward("reference", inputs, keep, grad, "contiguous")
+    truth = _forward_backward("reference", [t.double() for t in inputs], keep, grad.double(), "contiguous")
+    # dq and dk are sums of p * (dp - delta) with dp = dO . V: where they cancel to zero (a query that sees only
+    # itself has dq = 0) what is left is fp32 rounding of terms of that size, so their floor is relative to it
+    group = inputs[0].shape[1] // inputs[1].shape[1]
+    dp = torch.einsum("bhid,bhjd->bhij", grad.double(), inputs[2].double().repeat_interleave(group, 1))
+    size = dp.abs().max().item() * inputs[0].shape[-1] ** -0.5 * max(t.abs().max().item() for t in inputs[:2])
+    cancel = max(1.0, size)
+    for name, o, lo, t in zip(["out", "dq", "dk", "dv"], out, low, truth, strict=True):
+        assert o.dtype == dtype, name
+        s = cancel if name in ("dq", "dk") else 1.0
+        assert_within_rule(o.double() / s, lo.double() / s, t / s, name)
+
+
+# ---- paged KV caches -----------------------------------------------------------------------------------------
+
+GARBAGE_BLOCK = 10**6  # unused block-table entries: reading one would address far outside the pool
+
+
+def paged(dense_k: torch.Tensor, dense_v: torch.Tensor, lengths: list[int], block_size: int, spare: int = 3
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pools [num_blocks, block_size, Hkv, Dh] holding rows 0..lengths[b]-1 of the dense caches [B, S, Hkv, Dh]
+    in randomly shuffled blocks (plus `spare` unused ones); every other pool row is NaN and every unused table
+    entry is out of range, so a kernel that reads past a length fails."""
+    batch, _, hkv, dh = dense_k.shape
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + spare
+    order = torch.randperm(num_blocks).tolist()
+    pools = [torch.full((num_blocks, block_size, hkv, dh), float("nan"), dtype=dense_k.dtype) for _ in range(2)]
+    table = torch.full((batch, max(need, default=0) + 1), GARBAGE_BLOCK, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        for i in range(need[b]):
+            block = order.pop()
+            table[b, i] = block
+            rows = slice(i * block_size, min((i + 1) * block_size, n))
+            count = rows.stop - rows.start
+            pools[0][block, :count] = dense_k[b, rows]
+            pools[1][block, :count] = dense_v[b, rows]
+    return pools[0], pools[1], table

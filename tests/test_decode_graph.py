@@ -13,8 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations.hf import TARGETS, new_cache, record_routing
-from tests.test_generate import left_padded_prompts
-from tests.test_hf import randomize_routers, tiny_model
+from tests.models import left_padded_prompts, randomize_routers, tiny_model
 
 ROUTED = [0, 1, 2]
 # aten ops whose output depends on tensor data in a way the host must see (shape or a Python value)

@@ -10,31 +10,21 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import available
-from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing
+from mindskip_kernels.integrations.hf import TARGETS, new_cache, record_routing
 from mindskip_kernels.integrations.hf.cache import MindSkipCache, RoutedKVLayer
 from mindskip_kernels.integrations.hf.forward import decode_projection
 from mindskip_kernels.kv_pool import PoolFullError
 from tests.harness import backend_params
-from tests.test_hf import ARCHS, randomize_routers, tiny_model
-
-NEW = 10
-
-
-def left_padded_prompts(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, length in enumerate(lengths):
-        ids[b, n - length :] = torch.randint(1, 97, (length,), generator=gen)
-        mask[b, n - length :] = 1
-    return ids, mask
-
-
-def greedy(model, ids, mask, use_cache: bool) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, use_cache=use_cache,
-                              pad_token_id=0)
+from tests.models import (
+    ARCHS,
+    NEW,
+    greedy,
+    left_padded_prompts,
+    randomize_routers,
+    reference_sequence_generation,
+    run_cache,
+    tiny_model,
+)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -50,24 +40,6 @@ def test_token_granularity_cached_equals_recompute(arch, seed):
     assert any(0.0 < r < 1.0 for r in rec.keep_rates().values()), "routing of the prompts should be mixed"
     cached = greedy(model, ids, mask, use_cache=True)
     torch.testing.assert_close(cached, greedy(model, ids, mask, use_cache=False), rtol=0, atol=0)
-
-
-def reference_sequence_generation(model, prompt: torch.Tensor) -> torch.Tensor:
-    """Step-by-step full recomputation of one sequence, with each routed layer forced to its prefill decision."""
-    layers = mindskip_layers(model)
-    saved = {i: layer.mindskip.threshold for i, layer in layers.items()}
-    with torch.no_grad():
-        with record_routing(model) as rec:
-            model(prompt.unsqueeze(0), use_cache=False)
-        for entry in rec.entries:  # scores are < 1, so threshold 1.0 skips and 0.0 keeps
-            layers[entry.layer_idx].mindskip.threshold = 0.0 if bool(entry.keep.any()) else 1.0
-        ids = prompt.unsqueeze(0)
-        for _ in range(NEW):
-            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    for i, layer in layers.items():
-        layer.mindskip.threshold = saved[i]
-    return ids[0, prompt.shape[0] :]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -181,21 +153,6 @@ def test_fixed_pool_decodes_without_reading_the_device_and_skips_take_no_slot():
         run_cache(model, ids, mask, cache=new_cache(model, block_size=4, num_blocks=2))
 
 
-def run_cache(model, ids, mask, steps: int = 6, cache: MindSkipCache | None = None) -> MindSkipCache:
-    """Prefill plus `steps` greedy decode steps through an explicit cache; returns the cache."""
-    cache = new_cache(model, block_size=4) if cache is None else cache
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        for _ in range(steps):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            out = model(nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    assert out.cache is cache
-    return cache
-
-
 def test_cache_holds_only_kept_tokens_within_block_rounding():
     model = tiny_model("llama")
     mk.apply_mindskip(model, layers=[0, 1, 2])
@@ -244,6 +201,7 @@ def test_plain_dynamic_cache_refused():
     mk.apply_mindskip(model)
     with torch.no_grad(), pytest.raises(TypeError, match="MindSkipCache"):
         model(torch.randint(1, 97, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
+    assert isinstance(new_cache(model), MindSkipCache), "the cache the error asks for is the one new_cache gives"
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -10,30 +10,7 @@ import transformers
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
-
-ARCHS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-}
-
-
-def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    config_cls, model_cls = ARCHS[arch]
-    config = config_cls(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                        attn_implementation="sdpa", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return model
-
-
-def randomize_routers(model, std: float = 2.0) -> None:
-    with torch.no_grad():
-        for layer in mindskip_layers(model).values():
-            layer.router.weight.normal_(0.0, std / layer.router.weight.shape[1] ** 0.5)
+from tests.models import ARCHS, randomize_routers, tiny_model
 
 
 def recompute_one(dense, routed: dict[int, torch.Tensor], ids: torch.Tensor, threshold: float, granularity: str):
@@ -321,3 +298,18 @@ def test_fused_norm_equals_the_models_own_norm(arch, granularity):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     assert len(plans[0]) == len(plans[1]) and all(torch.equal(a, b) for a, b in zip(*plans, strict=True))
     assert any(0 < r < 1 for r in recs[0].keep_rates().values()) or granularity == "sequence"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_the_test_models_have_random_norm_weights_and_biases(arch):
+    """tests/models.py: no RMSNorm weight is all ones and no bias all zeros (transformers' initialisation, under
+    which a router reading the wrong norm, or a norm's weight dropped, changes nothing), and a rebuild is equal."""
+    model, again = tiny_model(arch), tiny_model(arch)
+    norms = {n: p for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    expect = {"llama": 9, "mistral": 9, "qwen2": 9, "qwen3": 17}[arch]  # 2 per layer (+ q/k_norm), final norm
+    assert len(norms) == expect and len(biases) == (12 if arch == "qwen2" else 0)
+    assert not [n for n, p in norms.items() if torch.all(p == 1)]
+    assert not [n for n, p in biases.items() if torch.all(p == 0)]
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))

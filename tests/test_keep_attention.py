@@ -10,9 +10,9 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import available
-from tests.harness import assert_within_rule, backend_params, random_keep
+from tests.cases import LOW
+from tests.harness import backend_params, check_forward_backward, make_keep, random_keep
 
-LOW = [torch.float32, torch.float16, torch.bfloat16]
 needs_triton = pytest.mark.skipif(not available()["triton"], reason="triton backend not available")
 
 
@@ -32,16 +32,6 @@ def naive_keep_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep
     return out
 
 
-def make_keep(batch: int, n: int, pattern: str, device: str = "cpu") -> torch.Tensor:
-    """The harness patterns, plus 'prefix' (only the first 5 tokens kept: later key blocks hold no kept key
-    and are skipped by the kernels, earlier ones are not)."""
-    if pattern == "prefix":
-        keep = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        keep[:, :5] = True
-        return keep
-    return random_keep(batch, n, pattern, device)
-
-
 @pytest.mark.parametrize("shape", [(1, 2, 2, 1, 8), (2, 4, 2, 17, 16), (3, 6, 2, 33, 12)])
 @pytest.mark.parametrize("pattern", ["random", "all", "none", "empty_seq"])
 def test_reference_matches_naive_loop(shape, pattern):
@@ -53,46 +43,6 @@ def test_reference_matches_naive_loop(shape, pattern):
                                        backend="reference")
         expect = naive_keep_attention(q, k, v, keep, dh**-0.5 if scale is None else scale)
         torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
-
-
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """A differentiable view of t [B, H, N, Dh] in another memory layout: 'padded' (rows of Dh + 8 whose last
-    8 columns are NaN: memory the kernels must never read), 'bnhd' (the [B, N, H, Dh] layout of a projection
-    viewed as heads, as HF models pass it) or 'contiguous'."""
-    if layout == "padded":
-        nan = torch.full((*t.shape[:-1], 8), float("nan"), dtype=t.dtype, device=t.device)
-        return torch.cat([t, nan], dim=-1)[..., : t.shape[-1]]
-    if layout == "bnhd":
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    return t
-
-
-def _forward_backward(backend: str, inputs: list[torch.Tensor], keep: torch.Tensor, grad: torch.Tensor,
-                      layout: str) -> list[torch.Tensor]:
-    """[out, dq, dk, dv] of keep_masked_attention on `layout` views of the inputs (and of the gradient)."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = mk.keep_masked_attention(*(_laid_out(t, layout) for t in leaves), keep, backend=backend)
-    out.backward(_laid_out(grad, layout))
-    return [out.detach()] + [t.grad for t in leaves]
-
-
-def check_forward_backward(inputs: list[torch.Tensor], keep: torch.Tensor, grad: torch.Tensor, layout: str) -> None:
-    """Triton's out, dq, dk, dv (inputs q, k, v in `layout`) within the tolerance rule of the reference at the
-    inputs' dtype, both against the fp64 reference."""
-    dtype = inputs[0].dtype
-    out = _forward_backward("triton", inputs, keep, grad, layout)
-    low = _forward_backward("reference", inputs, keep, grad, "contiguous")
-    truth = _forward_backward("reference", [t.double() for t in inputs], keep, grad.double(), "contiguous")
-    # dq and dk are sums of p * (dp - delta) with dp = dO . V: where they cancel to zero (a query that sees only
-    # itself has dq = 0) what is left is fp32 rounding of terms of that size, so their floor is relative to it
-    group = inputs[0].shape[1] // inputs[1].shape[1]
-    dp = torch.einsum("bhid,bhjd->bhij", grad.double(), inputs[2].double().repeat_interleave(group, 1))
-    size = dp.abs().max().item() * inputs[0].shape[-1] ** -0.5 * max(t.abs().max().item() for t in inputs[:2])
-    cancel = max(1.0, size)
-    for name, o, lo, t in zip(["out", "dq", "dk", "dv"], out, low, truth, strict=True):
-        assert o.dtype == dtype, name
-        s = cancel if name in ("dq", "dk") else 1.0
-        assert_within_rule(o.double() / s, lo.double() / s, t / s, name)
 
 
 # (B, Hq, Hkv, N, Dh, layout): N = 1, 17, 97, 130 (130 > one 128-key block), GQA 4/2 and MHA, Dh 40 and 80

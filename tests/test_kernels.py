@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
+from tests.cases import ATTN_CASES, LOW, PATTERNS
 from tests.harness import assert_within_rule, backend_params, random_keep
 
 BACKENDS = backend_params("cpu")
-LOW = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64)]  # (B, N, D): N = 1, 97, 1025; D not a power of two
-PATTERNS = ["random", "all", "none", "empty_seq"]
 
 
 def _plan(keep: torch.Tensor) -> mk.RoutingPlan:
@@ -101,16 +100,6 @@ def _varlen_inputs(lengths_q, lengths_k, hq, hkv, dh, dtype):
     k = torch.randn(int(cu_k[-1]), hkv, dh)
     v = torch.randn(int(cu_k[-1]), hkv, dh)
     return q, k, v, cu_q, cu_k
-
-
-ATTN_CASES = {
-    "gqa_9_3_awkward": ([1, 97, 40], [1, 97, 40], 9, 3, 64),
-    "long_1025": ([1025], [1025], 4, 2, 64),
-    "empty_sequence": ([0, 33, 5], [0, 33, 5], 4, 4, 80),
-    "all_empty": ([0, 0], [0, 0], 2, 1, 64),
-    "decode_bottom_right": ([1, 1, 1], [0, 1, 57], 8, 2, 128),
-    "head_dim_96": ([17, 64], [17, 64], 6, 2, 96),
-}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

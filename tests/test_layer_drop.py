@@ -16,8 +16,7 @@ from mindskip_kernels.layer_drop import (
     layers_to_drop_by_similarity,
     sublayer_similarity,
 )
-from tests.test_generate import greedy, left_padded_prompts
-from tests.test_hf import tiny_model
+from tests.models import greedy, left_padded_prompts, tiny_model
 
 
 def items(n: int = 3, length: int = 10) -> list[dict[str, torch.Tensor]]:
@@ -114,14 +113,14 @@ def test_layer_drop_removes_the_most_similar_layers(target):
         layer_drop(tiny_model("llama", layers=6), items(), target=target, n=2))
 
 
-def test_most_similar_breaks_ties_by_index():
+def test_layers_to_drop_by_similarity_breaks_ties_by_index():
     similarity = {3: 0.5, 2: 0.9, 1: 0.9, 0: 0.1}  # the tied layers inserted high index first
     assert layers_to_drop_by_similarity(similarity, n=1) == [1]
     assert layers_to_drop_by_similarity(similarity, n=2) == [1, 2]
     assert layers_to_drop_by_similarity(similarity, keep=0.25) == [1, 2, 3]
 
 
-def test_export_layers_from_learned_keep_rates():
+def test_layers_to_drop_by_keep_rate_from_learned_keep_rates():
     rates = {3: 0.9, 4: 0.1, 5: 0.45, 6: 0.55, 7: 0.0}
     assert layers_to_drop_by_keep_rate(rates) == [4, 5, 7]
     assert layers_to_drop_by_keep_rate(rates, n=2) == [4, 7]

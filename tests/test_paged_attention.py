@@ -11,34 +11,10 @@ import mindskip_kernels as mk
 from mindskip_kernels.backends import resolve
 from mindskip_kernels.kv_pool import PagedKVPool, PoolFullError
 from mindskip_kernels.ops import paged_varlen_attention
-from tests.harness import assert_within_rule, backend_params
+from tests.cases import LOW
+from tests.harness import GARBAGE_BLOCK, assert_within_rule, backend_params, paged
 
 BACKENDS = backend_params("cpu")
-LOW = [torch.float32, torch.float16, torch.bfloat16]
-GARBAGE_BLOCK = 10**6  # unused block-table entries: reading one would address far outside the pool
-
-
-def paged(dense_k: torch.Tensor, dense_v: torch.Tensor, lengths: list[int], block_size: int, spare: int = 3
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pools [num_blocks, block_size, Hkv, Dh] holding rows 0..lengths[b]-1 of the dense caches [B, S, Hkv, Dh]
-    in randomly shuffled blocks (plus `spare` unused ones); every other pool row is NaN and every unused table
-    entry is out of range, so a kernel that reads past a length fails."""
-    batch, _, hkv, dh = dense_k.shape
-    need = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(need) + spare
-    order = torch.randperm(num_blocks).tolist()
-    pools = [torch.full((num_blocks, block_size, hkv, dh), float("nan"), dtype=dense_k.dtype) for _ in range(2)]
-    table = torch.full((batch, max(need, default=0) + 1), GARBAGE_BLOCK, dtype=torch.int32)
-    for b, n in enumerate(lengths):
-        for i in range(need[b]):
-            block = order.pop()
-            table[b, i] = block
-            rows = slice(i * block_size, min((i + 1) * block_size, n))
-            count = rows.stop - rows.start
-            pools[0][block, :count] = dense_k[b, rows]
-            pools[1][block, :count] = dense_v[b, rows]
-    return pools[0], pools[1], table
-
 
 DECODE_CASES = {  # lengths, block size, (Hq, Hkv), Dh
     "ragged_bs16_gqa": ([0, 1, 15, 16, 17, 33, 100], 16, (8, 2), 64),

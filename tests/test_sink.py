@@ -8,8 +8,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
-from tests.test_generate import greedy, left_padded_prompts
-from tests.test_hf import randomize_routers, tiny_model
+from tests.models import greedy, left_padded_prompts, randomize_routers, tiny_model
 
 
 def test_skip_all_but_the_sink_matches_a_recomputation():

@@ -14,9 +14,16 @@ from mindskip_kernels.integrations import hf
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
 from mindskip_kernels.integrations.hf.cache import RoutedKVLayer
 from tests.harness import backend_params
-from tests.test_generate import greedy, left_padded_prompts, reference_sequence_generation, run_cache
-from tests.test_hf import ARCHS, randomize_routers, tiny_model
-from tests.test_tuning import RECORDS, saved_model, tokenizer  # noqa: F401 (fixtures of the tune test)
+from tests.models import (
+    ARCHS,
+    RECORDS,
+    greedy,
+    left_padded_prompts,
+    randomize_routers,
+    reference_sequence_generation,
+    run_cache,
+    tiny_model,
+)
 
 TARGETS = ["mlp", "block"]
 
@@ -58,17 +65,6 @@ def recompute_target(dense, routed: dict[int, torch.Tensor], ids: torch.Tensor, 
     return dense.lm_head(base.norm(h))
 
 
-def distinct_norms(model) -> torch.nn.Module:
-    """Random RMSNorm weights (transformers initialises them all to one, which would make the two norms of a
-    layer the same function and hide a router reading the wrong one)."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for ln in (layer.input_layernorm, layer.post_attention_layernorm):
-                ln.weight.copy_(1 + 0.5 * torch.randn(ln.weight.shape, generator=gen))
-    return model
-
-
 def _left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), 3, dtype=torch.long)
@@ -82,7 +78,7 @@ def _left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_target_matches_independent_recompute_with_left_padding(arch, target, granularity):
-    model = distinct_norms(tiny_model(arch))
+    model = tiny_model(arch)
     dense = copy.deepcopy(model)
     mk.apply_mindskip(model, layers=[0, 2], granularity=granularity, target=target)
     torch.manual_seed(1)
@@ -109,7 +105,7 @@ def test_target_matches_independent_recompute_with_left_padding(arch, target, gr
 def test_skipped_rows_pass_the_target_unchanged(target):
     """threshold 1 skips everything: "block" layers are the identity (bit-identical), "mlp" layers are the
     dense layer's attention sub-layer alone."""
-    model = distinct_norms(tiny_model("qwen2"))
+    model = tiny_model("qwen2")
     dense = copy.deepcopy(model)
     mk.apply_mindskip(model, layers=[1, 2], threshold=1.0, target=target)
     ids = torch.randint(0, 97, (2, 9))
@@ -131,7 +127,7 @@ def test_skipped_rows_pass_the_target_unchanged(target):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_fused_norm_equals_the_models_own_norm(target, granularity):
-    model = distinct_norms(tiny_model("mistral"))
+    model = tiny_model("mistral")
     mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)
     randomize_routers(model, std=4.0)
     ids, mask = left_padded_prompts([10, 7, 3], 4)
@@ -158,7 +154,7 @@ def test_threshold_zero_is_dense(target):
 @pytest.mark.parametrize("rule", hf.RULES)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_training_forward_equals_inference_and_routers_get_gradients(target, rule, granularity):
-    model = distinct_norms(tiny_model("llama"))
+    model = tiny_model("llama")
     mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)
     torch.manual_seed(3)
     randomize_routers(model, std=0.5 if granularity == "token" else 4.0)
@@ -234,7 +230,7 @@ def test_bad_target_raises_naming_the_argument():
 
 
 def test_block_cache_holds_only_kept_tokens_and_mlp_layers_a_dense_one():
-    model = mk.apply_mindskip(distinct_norms(tiny_model("llama")), layers=[0], target="mlp")
+    model = mk.apply_mindskip(tiny_model("llama"), layers=[0], target="mlp")
     mk.apply_mindskip(model, layers=[1], target="block")
     mk.apply_mindskip(model, layers=[2], target="attention")
     randomize_routers(model)
@@ -253,7 +249,7 @@ def test_block_cache_holds_only_kept_tokens_and_mlp_layers_a_dense_one():
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("host_compact", [True, False])
 def test_token_granularity_cached_generation_equals_recompute(arch, target, host_compact, monkeypatch):
-    model = distinct_norms(tiny_model(arch))
+    model = tiny_model(arch)
     mk.apply_mindskip(model, layers=[0, 2], target=target, host_compact=host_compact)
     torch.manual_seed(2)
     randomize_routers(model)
@@ -269,7 +265,7 @@ def test_token_granularity_cached_generation_equals_recompute(arch, target, host
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_sequence_granularity_generation_reuses_prefill_decision(target):
-    model = distinct_norms(tiny_model("llama"))
+    model = tiny_model("llama")
     mk.apply_mindskip(model, layers=[0, 1, 2], granularity="sequence", target=target)
     torch.manual_seed(0)
     randomize_routers(model, std=4.0)
@@ -290,7 +286,7 @@ def test_sequence_granularity_generation_reuses_prefill_decision(target):
 def test_router_tune_trains_every_target(target, rule):
     from mindskip_kernels.tuning import evaluate, router_tune
 
-    model = distinct_norms(tiny_model("llama"))
+    model = tiny_model("llama")
     mk.apply_mindskip(model, target=target, backend="reference")
     gen = torch.Generator().manual_seed(0)
     items = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (16, 12), generator=gen)]
@@ -307,7 +303,7 @@ def test_router_tune_trains_every_target(target, rule):
 def test_cli_tune_target(tmp_path, request):
     from mindskip_kernels.cli import main
 
-    model_dir = request.getfixturevalue("saved_model")  # test_tuning's tiny Llama and trained tokenizer
+    model_dir = request.getfixturevalue("saved_model")  # conftest's tiny Llama and trained tokenizer
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in RECORDS))
     out = tmp_path / "run"
@@ -326,8 +322,8 @@ def test_every_backend_matches_the_reference_and_generates_like_recompute(backen
     path, which the interpreter's Triton takes) == recomputation, through each backend's kernels."""
     models = {}
     for name in ("reference", backend):  # the device path, which the interpreter's Triton takes
-        models[name] = mk.apply_mindskip(distinct_norms(tiny_model("qwen3")), layers=[0, 2], target=target,
-                                         backend=name, host_compact=False)
+        models[name] = mk.apply_mindskip(tiny_model("qwen3"), layers=[0, 2], target=target, backend=name,
+                                         host_compact=False)
         torch.manual_seed(6)
         randomize_routers(models[name])
     ids, mask = left_padded_prompts([9, 5, 2], 6)

@@ -9,7 +9,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations.hf import mindskip_layers, record_routing
-from tests.test_hf import randomize_routers, tiny_model
+from tests.models import randomize_routers, tiny_model
 
 ROUTED = 1
 

@@ -18,42 +18,15 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.attention import MindSkipAttention
 from mindskip_kernels.backends import available, reference
-from tests.harness import assert_within_rule, random_keep
+from tests.cases import ATTN_GRAD_CASES, LOW
+from tests.harness import EPS, assert_within_rule, check_grads, random_keep, rmsnorm
 
 pytestmark = pytest.mark.skipif(not available()["triton"], reason="triton backend not available")
 if available()["triton"]:
     from mindskip_kernels.backends import triton as tri
     from tests.triton_compile import record_launches
 
-LOW = [torch.float32, torch.float16, torch.bfloat16]
-EPS = 1e-6
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rmsnorm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """RMSNorm computed in the precision of x (fp64 for the truth)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * gamma
-
-
-def _grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
-    """[fn(*inputs), d inputs] for the upstream gradient grad_out."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out)
-    return [out.detach()] + [t.grad for t in leaves]
-
-
-def _check_grads(fn_for, inputs: list[torch.Tensor], grad_out: torch.Tensor, dtype: torch.dtype,
-                 names: list[str]) -> None:
-    """Triton at `dtype` within the tolerance rule of the reference at `dtype`, both against fp64."""
-    low_inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
-    out = _grads(fn_for("triton"), low_inputs, grad_out.to(dtype))
-    low = _grads(fn_for("reference"), low_inputs, grad_out.to(dtype))
-    truth = _grads(fn_for("reference"), [t.double() if t.is_floating_point() else t for t in low_inputs],
-                   grad_out.to(dtype).double())
-    for name, o, lo, t in zip(names, out, low, truth, strict=True):
-        assert o.dtype == lo.dtype, name
-        assert_within_rule(o, lo, t, name)
 
 
 def _plan(keep: torch.Tensor) -> mk.RoutingPlan:
@@ -73,8 +46,8 @@ def test_router_from_hidden(dtype, granularity, shape):
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[-1, : n // 3] = False
     scores, keep = tri.router_from_hidden(x, gamma, EPS, w, mask, 0.5, granularity)
-    low, _ = reference.router(_rmsnorm(x.float(), gamma.float()), w.float(), mask, 0.5, granularity)
-    truth, truth_keep = reference.router(_rmsnorm(x.double(), gamma.double()), w.double(), mask, 0.5, granularity)
+    low, _ = reference.router(rmsnorm(x.float(), gamma.float()), w.float(), mask, 0.5, granularity)
+    truth, truth_keep = reference.router(rmsnorm(x.double(), gamma.double()), w.double(), mask, 0.5, granularity)
     assert scores.dtype == torch.float32
     assert_within_rule(scores[mask], low[mask], truth[mask], "scores")
     clear = (truth - 0.5).abs() > 1e-3
@@ -91,8 +64,8 @@ def test_gather_norm(dtype, shape, pattern):
     x = (torch.randn(b * n, d) * 3).to(dtype)
     gamma = (1 + 0.1 * torch.randn(d)).to(dtype)
     out = tri.gather_norm(x, gamma, EPS, plan.indices)
-    low = _rmsnorm(x.float(), gamma.float()).to(dtype)[plan.indices]
-    truth = _rmsnorm(x.double(), gamma.double())[plan.indices]
+    low = rmsnorm(x.float(), gamma.float()).to(dtype)[plan.indices]
+    truth = rmsnorm(x.double(), gamma.double())[plan.indices]
     assert out.dtype == dtype
     assert_within_rule(out, low, truth, "gather_norm")
 
@@ -109,7 +82,7 @@ def test_router_backward(dtype, granularity):
     def fn_for(backend):
         return lambda z, w: mk.route(z, w, granularity=granularity, attention_mask=mask, backend=backend).scores
 
-    _check_grads(fn_for, [torch.randn(b, n, d), torch.randn(1, d) / d**0.5], torch.randn(b, n), dtype,
+    check_grads(fn_for, [torch.randn(b, n, d), torch.randn(1, d) / d**0.5], torch.randn(b, n), dtype,
                  ["scores", "dz", "dweight"])
 
 
@@ -129,15 +102,7 @@ def test_gather_scatter_backward(dtype, with_scale, pattern):
 
     inputs = [torch.randn(b, n, d), torch.randn(b, n, d), torch.randn(t, d)] + ([torch.rand(t)] if with_scale else [])
     names = ["out", "dx", "dresidual", "dvalues"] + (["dscale"] if with_scale else [])
-    _check_grads(fn_for, inputs, torch.randn(b, n, d), dtype, names)
-
-
-ATTN_GRAD_CASES = {
-    "gqa_9_3": ([1, 37, 20], [1, 37, 20], 9, 3, 64),
-    "bottom_right": ([1, 3, 5], [0, 9, 70], 4, 2, 80),
-    "empty_sequence": ([0, 33], [0, 33], 2, 2, 96),
-    "head_dim_128": ([70], [70], 2, 1, 128),
-}
+    check_grads(fn_for, inputs, torch.randn(b, n, d), dtype, names)
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -153,7 +118,7 @@ def test_varlen_attention_backward(dtype, case, causal):
                                                    backend=backend)
 
     inputs = [torch.randn(sum(lq), hq, dh), torch.randn(sum(lk), hkv, dh), torch.randn(sum(lk), hkv, dh)]
-    _check_grads(fn_for, inputs, torch.randn(sum(lq), hq, dh), dtype, ["out", "dq", "dk", "dv"])
+    check_grads(fn_for, inputs, torch.randn(sum(lq), hq, dh), dtype, ["out", "dq", "dk", "dv"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,18 +11,14 @@ import textwrap
 
 import pytest
 import torch
-import transformers
 
 import mindskip_kernels as mk
 from mindskip_kernels.data import collate, read_examples, tokenize_examples
 from mindskip_kernels.integrations.hf import mindskip_layers
 from mindskip_kernels.tuning import calibrate, evaluate, keep_threshold, router_tune
+from tests.models import RECORDS, TEXT, randomize_routers, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 12
-        + "Routers decide which tokens attend; the rest pass through. " * 12)
-RECORDS = [{"instruction": "Repeat the word", "input": w, "output": f"{w} {w} {w}"}
-           for w in ("fox", "dog", "stitch", "time", "router", "token")]
 
 
 @pytest.fixture(autouse=True)
@@ -32,36 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A real byte-level BPE tokenizer, trained here on TEXT (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT, json.dumps(RECORDS)], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def tiny_llama(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                                      num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture
-def saved_model(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_read_examples_formats(tmp_path):
@@ -138,8 +104,6 @@ def test_paper_rule_with_sparsity_reproduces_the_paper_setting(tokenizer):
 
 @pytest.mark.parametrize("keep", [0.875, 0.5, 0.25])
 def test_calibrate_hits_the_keep_rate_with_one_threshold(tokenizer, keep):
-    from tests.test_hf import randomize_routers
-
     model = tiny_llama(len(tokenizer), seed=2)
     mk.apply_mindskip(model, backend="reference")
     randomize_routers(model)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mindskip_kernels.backends import compiled, reference
+from tests.cases import LOW
 from tests.gpu.cuda_harness import DEV, SHAPES, count_syncs, needs_cuda
 from tests.harness import assert_within_rule, random_keep
-from tests.test_kernels import LOW
 
 pytestmark = [
     pytest.mark.gpu,

@@ -22,7 +22,7 @@ from tests.gpu.cuda_harness import (
     kernels,
     needs_cuda,
 )
-from tests.test_hf import randomize_routers, tiny_model
+from tests.models import randomize_routers, tiny_model
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()

@@ -15,6 +15,7 @@ import torch
 import mindskip_kernels as mk
 from benchmarks.bench_kernels import flex_keep_attention
 from mindskip_kernels.backends import available
+from tests.cases import LOW
 from tests.gpu.cuda_harness import (
     DEV,
     HAS_CUDA,
@@ -23,15 +24,13 @@ from tests.gpu.cuda_harness import (
     needs_cuda,
     triton_compiled_only,
 )
-from tests.harness import assert_within_rule
-from tests.test_keep_attention import check_forward_backward, make_keep
+from tests.harness import assert_within_rule, check_forward_backward, make_keep
 
 pytestmark = [pytest.mark.gpu, needs_cuda, pytest.mark.skipif(not available()["triton"], reason="needs triton")]
 if HAS_CUDA and not INTERPRET:
     from mindskip_kernels.backends import triton as tri
 
 B, HQ, HKV, N, DH = 2, 8, 2, 1024, 128
-LOW = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _inputs(dtype: torch.dtype) -> list[torch.Tensor]:

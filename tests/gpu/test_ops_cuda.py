@@ -13,6 +13,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import reference
+from tests.cases import ATTN_CASES, LOW, PATTERNS
 from tests.gpu.cuda_harness import (
     DEV,
     SHAPES,
@@ -21,7 +22,6 @@ from tests.gpu.cuda_harness import (
     needs_cuda,
 )
 from tests.harness import assert_within_rule, random_keep
-from tests.test_kernels import ATTN_CASES, LOW, PATTERNS
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()

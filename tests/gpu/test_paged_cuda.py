@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
+from tests.cases import LOW
 from tests.gpu.cuda_harness import (
     DEV,
     count_syncs,
@@ -16,9 +17,7 @@ from tests.gpu.cuda_harness import (
     kernels,
     needs_cuda,
 )
-from tests.harness import assert_within_rule
-from tests.test_kernels import LOW
-from tests.test_paged_attention import paged
+from tests.harness import assert_within_rule, paged
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()

@@ -15,6 +15,7 @@ import torch
 import mindskip_kernels as mk
 from mindskip_kernels.attention import MindSkipAttention
 from mindskip_kernels.backends import reference
+from tests.cases import ATTN_GRAD_CASES, LOW
 from tests.gpu.cuda_harness import (
     DEV,
     HAS_CUDA,
@@ -24,9 +25,7 @@ from tests.gpu.cuda_harness import (
     needs_cuda,
     triton_compiled_only,
 )
-from tests.harness import assert_within_rule, random_keep
-from tests.test_kernels import LOW
-from tests.test_triton import ATTN_GRAD_CASES, EPS, _check_grads, _rmsnorm
+from tests.harness import EPS, assert_within_rule, check_grads, random_keep, rmsnorm
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 if HAS_CUDA and not INTERPRET:
@@ -44,8 +43,8 @@ def test_router_from_hidden(dtype, granularity):
     mask = torch.ones(b, n, dtype=torch.bool, device=DEV)
     mask[-1, :50] = False
     scores, _ = tri.router_from_hidden(x, gamma, EPS, w, mask, 0.5, granularity)
-    low, _ = reference.router(_rmsnorm(x.float(), gamma.float()), w.float(), mask, 0.5, granularity)
-    truth, _ = reference.router(_rmsnorm(x.double(), gamma.double()), w.double(), mask, 0.5, granularity)
+    low, _ = reference.router(rmsnorm(x.float(), gamma.float()), w.float(), mask, 0.5, granularity)
+    truth, _ = reference.router(rmsnorm(x.double(), gamma.double()), w.double(), mask, 0.5, granularity)
     assert_within_rule(scores[mask], low[mask], truth[mask], "scores")
 
 
@@ -59,8 +58,8 @@ def test_gather_norm(dtype, shape):
     x = torch.randn(b * n, d, device=DEV).to(dtype)
     gamma = (1 + 0.1 * torch.randn(d, device=DEV)).to(dtype)
     normed = tri.gather_norm(x, gamma, EPS, idx)
-    low = _rmsnorm(x.float(), gamma.float()).to(dtype)[idx]
-    truth = _rmsnorm(x.double(), gamma.double())[idx]
+    low = rmsnorm(x.float(), gamma.float()).to(dtype)[idx]
+    truth = rmsnorm(x.double(), gamma.double())[idx]
     assert_within_rule(normed, low, truth, "gather_norm")
 
 
@@ -78,7 +77,7 @@ def test_varlen_attention_backward(dtype, case, causal):
                                                    backend=backend)
 
     inputs = [torch.randn(sum(n), h, dh, device=DEV) for n, h in ((lq, hq), (lk, hkv), (lk, hkv))]
-    _check_grads(fn_for, inputs, torch.randn(sum(lq), hq, dh, device=DEV), dtype, ["out", "dq", "dk", "dv"])
+    check_grads(fn_for, inputs, torch.randn(sum(lq), hq, dh, device=DEV), dtype, ["out", "dq", "dk", "dv"])
 
 
 @triton_compiled_only
