@@ -8,6 +8,9 @@ For each requested keep rate (the fraction of the routed layers' attention that 
 held-out perplexity (mean +- std over seeds), ppl / dense, the keep rate achieved on held-out text, and the
 prefill speed vs dense measured in the same process (interleaved, median). Methods:
 
+- fitted token routers: `fit_routers` (least squares of log ||sub-layer update|| / ||x|| on the router input, from
+  the dense model's label pass over --fit-blocks training blocks; no backward), calibrated to each keep rate;
+- fitted + tuned token routers: the fit, then --fine-tune-steps Router-Tuning steps (`mindskip tune`'s default);
 - tuned token / sequence routers: `router_tune(keep=...)` (the default every-token rule), trained ONCE per seed
   toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points); token
   routing keeps the first --sink-tokens tokens of each block (attention sinks, as `mindskip tune` does);
@@ -42,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
+from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_then_tune  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
 from mindskip_kernels.layer_drop import (  # noqa: E402
     drop_sublayers,
@@ -54,8 +58,11 @@ from mindskip_kernels.tuning import calibrate, evaluate, router_tune  # noqa: E4
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TUNED = (("tuned token routers", "token", "every_token"), ("tuned sequence routers", "sequence", "every_token"),
          ("paper rule (token)", "token", "paper"))
+# router fitting (mindskip_kernels.fitting): the method of `mindskip tune --method`, fit once (deterministic) or
+# fit then FINE_TUNE_STEPS Router-Tuning steps (per seed)
+FITTED = (("fitted token routers", "fit"), ("fitted + tuned token routers", "fit+tune"))
 STATIC = ("learned layer export", "training-free drop", "uniform random layers")
-METHODS = (*(t[0] for t in TUNED), *STATIC, "untuned routers")
+METHODS = (*(t[0] for t in FITTED), *(t[0] for t in TUNED), *STATIC, "untuned routers")
 DROP_NAMES = {"attention": "Attention Drop", "mlp": "MLP Drop", "block": "Block Drop"}
 
 
@@ -116,7 +123,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+seeds-1 (split runs)")
     p.add_argument("--merge", nargs="+", metavar="CSV", help="only report: the table and PNG of these runs' CSVs")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="Router-Tuning steps of the tuned methods")
+    p.add_argument("--fit-blocks", type=int, default=400, help="training blocks of the router fit's label pass")
+    p.add_argument("--fine-tune-steps", type=int, default=FINE_TUNE_STEPS, help="Router-Tuning steps after the fit")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sink-tokens", type=int, default=1, help="token routing: first N tokens always kept")
@@ -162,13 +171,14 @@ def main() -> None:
 
     rows: list[dict] = []  # one per (method, keep, seed)
 
-    def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None) -> None:
+    def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
+               seconds: float = 0.0) -> None:
         result = evaluate(model, held, batch_size=8)
         fast = speed(base, model, timing, args.speed_repeats) if seed == 0 else float("nan")
         rows.append({"method": method, "keep": keep, "seed": seed,
                      "achieved_keep": result.keep_rate if achieved is None else achieved,
                      "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
-                     "speed_vs_dense": fast})
+                     "speed_vs_dense": fast, "seconds": seconds})
         print(f"  {method:24} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), speed {fast:.2f}x", flush=True)
 
@@ -186,6 +196,20 @@ def main() -> None:
     tune_seconds = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for target in args.targets:
+            for name, method in FITTED:
+                if name not in args.methods or (method == "fit" and seed != args.first_seed):
+                    continue  # the fit alone is deterministic: one run
+                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                          sink_tokens=args.sink_tokens, target=target)
+                t0 = time.perf_counter()
+                fit_then_tune(model, train[: args.fit_blocks], method=method, keep=args.train_keep,
+                              calibration=calib, steps=args.fine_tune_steps, batch_size=args.batch_size, lr=args.lr,
+                              seed=seed, progress=False)
+                seconds = time.perf_counter() - t0
+                for keep in args.keeps:
+                    calibrate(model, calib, keep, progress=False)
+                    record(label(name, target), keep, seed, model, seconds=seconds)
+                del model
             for name, granularity, rule in TUNED:
                 want_export = (rule == "every_token" and granularity == "token"
                                and "learned layer export" in args.methods)
@@ -200,7 +224,7 @@ def main() -> None:
                 for keep in args.keeps:
                     calibrate(model, calib, keep, progress=False)
                     if name in args.methods:
-                        record(label(name, target), keep, seed, model)
+                        record(label(name, target), keep, seed, model, seconds=tune_seconds[-1])
                     if want_export:
                         rates = evaluate(model, calib).keep_rates
                         dropped(layers_to_drop_by_keep_rate(rates, keep=keep), seed,
@@ -251,10 +275,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             ratio = statistics.mean(r["ppl_over_dense"] for r in group)
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
             fast = next((r["speed_vs_dense"] for r in group if r["seed"] == 0), float("nan"))
+            seconds = statistics.median(float(r.get("seconds", 0.0)) for r in group)
             table.append([name, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
-                          f"{ratio:.3f}", f"{fast:.2f}x", len(group)])
+                          f"{ratio:.3f}", f"{fast:.2f}x", f"{seconds:.0f}" if seconds else "-", len(group)])
             lines.setdefault(target, {}).setdefault(name, []).append((achieved, ratio))
-    headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense", "seeds"]
+    headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense",
+               "s to set routers", "seeds"]
     print_table(headers, table)
 
     plt = pyplot()

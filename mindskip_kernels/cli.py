@@ -20,6 +20,7 @@ import platform
 import torch
 
 from mindskip_kernels._checks import GRANULARITIES, TARGETS
+from mindskip_kernels.fitting import CALIBRATION_ITEMS, DEFAULT_METHOD, FINE_TUNE_STEPS, METHODS
 
 
 def _version(package: str) -> str:
@@ -84,29 +85,41 @@ def _parse_layers(value: str | None) -> int | list[int] | None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from mindskip_kernels.fitting import fit_then_tune
     from mindskip_kernels.integrations.hf import apply_mindskip, mindskip_layers, save_routers
-    from mindskip_kernels.tuning import distributed, plot_history, router_tune, write_log
+    from mindskip_kernels.tuning import distributed, plot_history, write_log
 
+    if args.keep is None and args.method != "tune":
+        raise SystemExit(f"--method {args.method} needs a --keep rate (a fitted router's scores have no 0.5 "
+                         f"meaning); --keep none is for --method tune (the paper's fixed threshold)")
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
                    granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
                    target=args.target)
-    history = router_tune(model, args.data, tokenizer, keep=args.keep, rule=args.rule, steps=args.steps,
-                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                          sparsity_weight=args.sparsity_weight, target_capacity=args.target_capacity,
-                          max_length=args.max_length, precision=args.precision, calibration=args.calibration_data,
-                          seed=args.seed)
+    fit, history = fit_then_tune(model, args.data, tokenizer, method=args.method, keep=args.keep,
+                                 calibration=args.calibration_data, calibration_items=args.calibration_items,
+                                 rule=args.rule, steps=args.steps, batch_size=args.batch_size,
+                                 grad_accum=args.grad_accum, lr=args.lr, sparsity_weight=args.sparsity_weight,
+                                 target_capacity=args.target_capacity, max_length=args.max_length,
+                                 precision=args.precision, seed=args.seed)
     rank, world = distributed()
     if rank == 0:
-        info = {"rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr, "seed": args.seed,
-                "sink_tokens": args.sink_tokens, "target": args.target, "data": os.fspath(args.data)}
+        info = {"method": args.method, "rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr,
+                "seed": args.seed, "sink_tokens": args.sink_tokens, "target": args.target,
+                "data": os.fspath(args.data)}
+        if fit is not None:
+            info["fit"] = {"seconds": fit.seconds, "r2": {str(i): f.r2 for i, f in fit.layers.items()},
+                           "samples": {str(i): f.samples for i, f in fit.layers.items()}}
         save_routers(model, args.out, info)
-        write_log(history, os.path.join(args.out, "train_log.csv"))
-        plot_history(history, os.path.join(args.out, "train_curve.png"))
-        last = history[-1]
         threshold = next(iter(mindskip_layers(model).values())).mindskip.threshold
-        print(f"trained {len(history)} steps on {world} process(es): loss {last['loss']:.4f}, training keep rate "
-              f"{last['keep_rate']:.3f}, threshold {threshold:.6f}; wrote {args.out}")
+        done = [] if fit is None else [f"fitted {len(fit.layers)} routers in {fit.seconds:.1f} s"]
+        if history:
+            write_log(history, os.path.join(args.out, "train_log.csv"))
+            plot_history(history, os.path.join(args.out, "train_curve.png"))
+            last = history[-1]
+            done.append(f"trained {len(history)} steps on {world} process(es): loss {last['loss']:.4f}, training "
+                        f"keep rate {last['keep_rate']:.3f}")
+        print(f"{'; '.join(done)}; threshold {threshold:.6f}; wrote {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
@@ -200,11 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_help = "JSON/JSONL Alpaca records (instruction, input, output) or plain text"
     tune = sub.add_parser(
-        "tune", help="Router-Tuning: train only the MindSkip routers, then calibrate to --keep",
-        description="Train the MindSkip routers of a causal LM (all else frozen) and calibrate one global threshold "
-                    "so that the routed layers run attention for the fraction --keep of tokens. Several processes: "
-                    "torchrun --nproc_per_node N -m mindskip_kernels tune ... (or accelerate launch -m ...).")
+        "tune", help="fit and/or train only the MindSkip routers, then calibrate to --keep",
+        description="Set the MindSkip routers of a causal LM (all else frozen) and calibrate one global threshold "
+                    "so that the routed layers run their target for the fraction --keep of tokens. --method fit: "
+                    "least squares on the dense model's own signal (no backward); tune: Router-Tuning (the "
+                    "paper's training through the model); fit+tune: fit, then a few Router-Tuning steps. Several "
+                    "processes: torchrun --nproc_per_node N -m mindskip_kernels tune ... (or accelerate launch).")
     _add_model(tune, data_help)
+    tune.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                      help=f"how the routers are set (default {DEFAULT_METHOD}; see docs/tuning.md)")
+    tune.add_argument("--calibration-items", type=int, default=CALIBRATION_ITEMS,
+                      help="items of the training data the threshold is calibrated on, without --calibration-data")
     tune.add_argument("--out", required=True, help="directory for routers, train_log.csv and train_curve.png")
     tune.add_argument("--keep", type=_keep, default=0.75,
                       help="fraction of routed attention to run (default 0.75); 'none' = no calibration (paper)")
@@ -221,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="token granularity: the first N real tokens always run attention (attention sinks; "
                            "0 = the paper's semantics)")
     tune.add_argument("--threshold", type=float, default=0.5, help="starting threshold (moved by --keep)")
-    tune.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
+    tune.add_argument("--steps", type=int, default=None,
+                      help=f"Router-Tuning optimizer steps (default: one pass over the data for tune, "
+                           f"{FINE_TUNE_STEPS} after a fit)")
     tune.add_argument("--lr", type=float, default=1e-3)
     tune.add_argument("--sparsity-weight", type=float, default=0.0, help="paper code: 5e-3 (with --keep none)")
     tune.add_argument("--target-capacity", type=float, default=None, help="keep-rate hinge target per layer")

@@ -113,45 +113,28 @@ def sublayer_similarity(model: nn.Module, data: Data, tokenizer=None, *, target:
     candidates = _candidates(model, layers)
     all_layers = _layers(model)
     _check_unchanged(all_layers, candidates, "measure the sub-layers")
+    from mindskip_kernels.integrations.hf import observe_sublayers
+
     items = as_items(data, tokenizer, max_length)
     device = next(model.parameters()).device
     sums = dict.fromkeys(candidates, 0.0)
     total = 0
-    inputs: dict[int, torch.Tensor] = {}
     mask: list[torch.Tensor] = []
 
-    def pre(i):
-        def hook(module, args, kwargs):
-            inputs[i] = kwargs.get("hidden_states", args[0] if args else None)
-        return hook
+    def add(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        sums[i] += float(nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)[mask[0]].sum())
 
-    def post(i):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            x = inputs.pop(i)
-            y = out if target == "block" else x + out
-            sums[i] += float(nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)[mask[0]].sum())
-        return hook
-
-    handles = []
-    for i in candidates:
-        layer = all_layers[i]
-        source, sink = {"attention": (layer, layer.self_attn), "mlp": (layer.post_attention_layernorm, layer.mlp),
-                        "block": (layer, layer)}[target]
-        handles.append(source.register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(sink.register_forward_hook(post(i)))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(items), batch_size):
-            batch = collate(items[start : start + batch_size])
-            mask[:] = [batch["attention_mask"].to(device).bool()]
-            total += int(mask[0].sum())
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask[0].long(), use_cache=False,
-                  logits_to_keep=1)
+        with observe_sublayers(model, dict.fromkeys(candidates, target), add):
+            for start in range(0, len(items), batch_size):
+                batch = collate(items[start : start + batch_size])
+                mask[:] = [batch["attention_mask"].to(device).bool()]
+                total += int(mask[0].sum())
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask[0].long(), use_cache=False,
+                      logits_to_keep=1)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return {i: s / max(total, 1) for i, s in sums.items()}
 

@@ -10,7 +10,8 @@ base model records the 2-D padding mask, which the decoder layers themselves nev
 One file per concern: patching.py (apply_mindskip, record_routing, thresholds), checkpoints.py (save_routers /
 load_routers), generation.py (new_cache and the generate hooks), cache.py (MindSkipCache: kept-only paged K/V
 and each routed layer's decode state), model.py (supported architectures, base model, layer choice),
-loading.py (load_model), sublayers.py (one object per routed target) and forward.py (the layer forward).
+loading.py (load_model), sublayers.py (one object per routed target), forward.py (the layer forward) and
+observe.py (hooks on the dense model's sub-layers).
 """
 
 from mindskip_kernels._checks import TARGETS
@@ -28,6 +29,7 @@ from mindskip_kernels.integrations.hf.model import (
     model_type,
     paper_layers,
 )
+from mindskip_kernels.integrations.hf.observe import dense_forward, observe_sublayers
 from mindskip_kernels.integrations.hf.patching import apply_mindskip, record_routing, set_thresholds
 from mindskip_kernels.integrations.hf.state import RoutingEntry, RoutingRecord
 from mindskip_kernels.integrations.hf.sublayers import dense_attention
@@ -48,11 +50,13 @@ __all__ = [
     "check_supported",
     "choose_layers",
     "dense_attention",
+    "dense_forward",
     "load_model",
     "load_routers",
     "mindskip_layers",
     "model_type",
     "new_cache",
+    "observe_sublayers",
     "paper_layers",
     "record_routing",
     "save_routers",

@@ -10,7 +10,9 @@ Each has the same small interface, so the layer forward (forward.py) never asks 
 - `every_token(layer, call, z, plan)`: its contribution on every row, attention seeing the kept earlier tokens
   and itself (the "every_token" training rule);
 - `decode(layer, call, z, keep, rows, project)`: its contribution on a decode step's rows;
-- `paged_kv`: whether its layer's cache entry is a kept-only paged `RoutedKVLayer`.
+- `paged_kv`: whether its layer's cache entry is a kept-only paged `RoutedKVLayer`;
+- `observed(layer)` / `stream_after(x, out)`: the modules whose input and output show, in the dense model, the
+  residual stream before and after the target (for the training-free drops and router fitting: observe.py).
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ class RoutedSublayer:
     def finish(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def observed(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(source, sink): the source's input is the stream before the target, the sink's output the target's."""
+        return layer, layer.self_attn
+
+    def stream_after(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the target, from the stream before it and the sink's output."""
+        return x + out
+
     def kept_rows(self, layer: nn.Module, call: LayerCall) -> Attend:
         raise NotImplementedError
 
@@ -169,6 +179,9 @@ class MLPSublayer(RoutedSublayer):
     def router_norm(self, layer: nn.Module) -> nn.Module:
         return layer.post_attention_layernorm
 
+    def observed(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return layer.post_attention_layernorm, layer.mlp
+
     def prepare(self, layer: nn.Module, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
         return dense_attention(layer, hidden_states, **layer_kwargs)
 
@@ -191,6 +204,12 @@ class BlockSublayer(AttentionSublayer):
 
     def finish(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h
+
+    def observed(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return layer, layer
+
+    def stream_after(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out
 
     @staticmethod
     def block_out(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, project: Project | None = None
