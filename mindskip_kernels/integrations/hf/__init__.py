@@ -31,7 +31,7 @@ from mindskip_kernels.integrations.hf.model import (
 )
 from mindskip_kernels.integrations.hf.observe import dense_forward, observe_sublayers
 from mindskip_kernels.integrations.hf.patching import apply_mindskip, record_routing, set_thresholds
-from mindskip_kernels.integrations.hf.state import RoutingEntry, RoutingRecord
+from mindskip_kernels.integrations.hf.state import LayerState, ModelState, RoutingEntry, RoutingRecord
 from mindskip_kernels.integrations.hf.sublayers import dense_attention
 
 __all__ = [
@@ -40,7 +40,9 @@ __all__ = [
     "RULES",
     "SUPPORTED",
     "TARGETS",
+    "LayerState",
     "MindSkipCache",
+    "ModelState",
     "RoutedKVLayer",
     "RoutingEntry",
     "RoutingRecord",
