@@ -8,8 +8,9 @@ are checked once, in the public functions (`_checks`), before any backend runs, 
 same errors; inputs with no elements run on the reference (`resolve(empty=True)`).
 
 Which backend has which op, on which devices, and whether it has a backward: `CONTRACT` below, the one
-copy of that table (each backend's `OPS` / `DIFFERENTIABLE` derive from it; `support_table()` renders it, as
-`python -m mindskip_kernels info` prints it; tests/test_hardening.py checks it against the modules).
+copy of that table (the reference's and Triton's `OPS` / `DIFFERENTIABLE` derive from it, compiled asks its
+registered kernels; `support_table()` renders it, as `python -m mindskip_kernels info` prints it;
+tests/test_hardening.py checks it against the modules).
 
 dtypes: reference fp16/bf16/fp32/fp64 (fp32 math for low precision); compiled fp16/bf16/fp32/fp64 (compact
 and gather any dtype); triton fp16/bf16/fp32. "any" = any device torch runs on (fp64-able: the truth for
