@@ -5,8 +5,9 @@ u_t = ||y_t - x_t|| / ||x_t|| (x the residual stream before the sub-layer, y aft
 update Attn(LN1 x), for the MLP MLP(LN2 h), for the block the whole layer's). The router (the same
 `Linear(D, 1, bias=False)`) is fit by least squares of log u on its input z (the target's RMSNorm output):
 one D x D solve per layer. log u is one scale for every layer, so one global threshold then splits the keep
-budget across layers the way the signal says; `calibrate` sets it. Sequence granularity fits the sequence's
-mean z to the log of its mean u.
+budget across layers the way the signal says; `calibrate` sets it. Token granularity fits the tokens the
+router decides (not the `sink_tokens` first real tokens, which are always kept); sequence granularity fits the
+sequence's mean z to the log of its mean u.
 
 The statistics stream: per layer the Gram matrix sum z z^T, sum z log u, and the moments of log u, in fp64,
 accumulated over batches (the data size is not bounded by memory) and all-reduced across processes under
@@ -120,8 +121,9 @@ def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int
         z = layer.mindskip.sublayer.router_norm(layer)(x).float()
         u = _labels(x, y)
         mask = real[0]
-        if layer.mindskip.granularity == "token":
-            moments[i].add(z[mask], torch.log(u[mask].clamp_min(EPS)))
+        if layer.mindskip.granularity == "token":  # attention sinks are kept whatever the router says: not fit
+            decided = mask & (mask.long().cumsum(1) > layer.mindskip.sink_tokens)
+            moments[i].add(z[decided], torch.log(u[decided].clamp_min(EPS)))
             return
         weight = mask.float().unsqueeze(-1)
         count = weight.sum(1).clamp_min(1)

@@ -93,6 +93,10 @@ def test_fit_routers_solves_the_label_regression_and_is_batch_independent(granul
     expected = 33 if granularity == "token" else 4
     assert all(f.samples == expected for f in one.layers.values()) and one.seconds > 0
     assert all(0.0 < f.r2 <= 1.0 for f in one.layers.values()), one.layers
+    if granularity == "token":  # attention sinks are always kept: the fit leaves them out
+        mk.apply_mindskip(model, layers=[1, 2], backend="reference", sink_tokens=2)
+        sunk = fit_routers(model, items, batch_size=4, progress=False)
+        assert all(f.samples == 33 - 2 * 4 for f in sunk.layers.values())
 
 
 def test_fit_then_tune_hits_the_keep_rate_and_refuses_bad_arguments(tokenizer):
