@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table  # noqa: E402
-from benchmarks.quality import corpus, smoke_setup, smollm2  # noqa: E402
-from mindskip_kernels.data import tokenize_examples  # noqa: E402
+from benchmarks.quality import model_and_blocks  # noqa: E402
 from mindskip_kernels.fitting import fit_routers  # noqa: E402
 from mindskip_kernels.integrations.hf import paper_layers  # noqa: E402
 from mindskip_kernels.tuning import calibrate, evaluate  # noqa: E402
@@ -44,12 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.seq_len, args.calib_blocks, args.fit_blocks, args.eval_blocks = 32, [2, 8], 8, 4
-        base, train, held = smoke_setup(args.seq_len)
-    else:
-        base, tokenizer = smollm2()
-        train_text, held_text = corpus()
-        train = tokenize_examples([train_text], tokenizer, args.seq_len)
-        held = tokenize_examples([held_text], tokenizer, args.seq_len)
+    base, train, held = model_and_blocks(args.smoke, args.seq_len)
     held = held[: args.eval_blocks]
     dense = evaluate(base, held, batch_size=8).perplexity
     model = mk.apply_mindskip(copy.deepcopy(base), layers=paper_layers(base.config.num_hidden_layers),

@@ -108,6 +108,16 @@ def smoke_setup(seq_len: int):
     return model, blocks(train), blocks(held)
 
 
+def model_and_blocks(smoke: bool, seq_len: int) -> tuple[torch.nn.Module, list[Item], list[Item]]:
+    """(model, training blocks, held-out blocks): SmolLM2 on the pydoc split, or the smoke model on bytes."""
+    if smoke:
+        return smoke_setup(seq_len)
+    base, tokenizer = smollm2()
+    train_text, held_text = corpus()
+    return (base, tokenize_examples([train_text], tokenizer, seq_len),
+            tokenize_examples([held_text], tokenizer, seq_len))
+
+
 def speed(dense: torch.nn.Module, model: torch.nn.Module, items: list[Item], repeats: int) -> float:
     """Prefill speed of `model` over `dense` on `items` (median of interleaved runs; > 1 = faster)."""
     ratios = []
@@ -154,12 +164,7 @@ def main() -> None:
         return
     if args.smoke:
         args.seeds, args.steps, args.seq_len, args.eval_blocks, args.speed_repeats = 1, 2, 32, 4, 1
-        base, train, held = smoke_setup(args.seq_len)
-    else:
-        base, tokenizer = smollm2()
-        train_text, held_text = corpus()
-        train = tokenize_examples([train_text], tokenizer, args.seq_len)
-        held = tokenize_examples([held_text], tokenizer, args.seq_len)
+    base, train, held = model_and_blocks(args.smoke, args.seq_len)
     held = held[: args.eval_blocks]
     calib = train[: args.calib_blocks]
     timing = held[: args.speed_blocks]
