@@ -13,6 +13,10 @@ same as with transformers' initialisation alone.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 import transformers
@@ -143,3 +147,19 @@ def run_cache(model, ids, mask, steps: int = 6, cache=None):
             out = model(nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
     assert out.cache is cache
     return cache
+
+
+# ---- several processes ----------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(path, source: str, nproc: int | None = None) -> None:
+    """Write `source` (dedented) to `path` and run it with the repo on the path: under torchrun with `nproc`
+    CPU processes (gloo), or as one plain process when nproc is None. Fails the test with its stderr."""
+    path.write_text(textwrap.dedent(source))
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, *launcher, str(path)], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ import mindskip_kernels as mk
 from mindskip_kernels.fitting import LeastSquares, fit_routers, fit_then_tune
 from mindskip_kernels.integrations.hf import TARGETS, dense_forward, mindskip_layers, observe_sublayers
 from mindskip_kernels.tuning import evaluate
-from tests.models import RECORDS, TEXT, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.models import RECORDS, TEXT, run_script, tiny_model
 
 
 def test_least_squares_recovers_a_planted_router_and_streams_like_one_shot():
@@ -143,8 +138,7 @@ def test_torchrun_fit_equals_one_process(tmp_path, saved_model):
     """Two gloo processes each read half the data; the all-reduced statistics give the one-process fit."""
     data = tmp_path / "train.txt"
     data.write_text(TEXT)
-    script = tmp_path / "fit.py"
-    script.write_text(textwrap.dedent(f"""
+    source = f"""
         import os, torch
         import mindskip_kernels as mk
         from mindskip_kernels.fitting import fit_routers
@@ -156,12 +150,9 @@ def test_torchrun_fit_equals_one_process(tmp_path, saved_model):
         torch.save(routers, os.path.join({str(tmp_path)!r}, f"rank{{os.environ.get('RANK', 'single')}}.pt"))
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for launcher in (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"], []):
-        proc = subprocess.run([sys.executable, *launcher, str(script)], env=env, capture_output=True, text=True,
-                              timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    """
+    run_script(tmp_path / "fit.py", source, nproc=2)
+    run_script(tmp_path / "fit.py", source)
     r0, r1, single = (torch.load(tmp_path / f"rank{r}.pt") for r in ("0", "1", "single"))
     for name in single:
         assert torch.equal(r0[name], r1[name]), name

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ import mindskip_kernels as mk
 from mindskip_kernels.data import collate, read_examples, tokenize_examples
 from mindskip_kernels.integrations.hf import mindskip_layers
 from mindskip_kernels.tuning import calibrate, evaluate, keep_threshold, router_tune
-from tests.models import RECORDS, TEXT, randomize_routers, tiny_llama
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.models import RECORDS, TEXT, randomize_routers, run_script, tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -211,8 +206,7 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
     """DDP over gloo: each rank reads its own shard, yet the all-reduced router updates stay identical."""
     data = tmp_path / "train.txt"
     data.write_text(TEXT)
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    run_script(tmp_path / "ddp.py", f"""
         import os, torch
         import mindskip_kernels as mk
         from mindskip_kernels.integrations.hf import load_model
@@ -229,12 +223,7 @@ def test_torchrun_two_cpu_processes(tmp_path, saved_model):
         routers = {{n: p for n, p in model.state_dict().items() if ".router." in n}}
         torch.save((routers, history), os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.pt"))
         torch.distributed.destroy_process_group()
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(script)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """, nproc=2)
     (r0, h0), (r1, h1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert h0 == h1, "logged losses are all-reduced means, the same on both ranks"
     for name in r0:
