@@ -121,6 +121,10 @@ def compact(keep: torch.Tensor, positions: torch.Tensor, *, backend: str = "auto
     """The packed form of keep [B, N] bool with positions [B, N]: (indices [T], cu_seqlens [B+1], kept
     positions [T], max_seqlen). One host read of T on accelerators; max_seqlen is exact on the CPU (there is no
     device to wait for, and the exact bound keeps padded work small), N elsewhere (no sync)."""
+    check.tensor("keep", keep, ndim=2, dtypes=(torch.bool,))
+    check.tensor("positions", positions, ndim=2, dtypes=check.INDEX_DTYPES)
+    check.shape_match("positions", positions, tuple(keep.shape), "[B, N] like keep")
+    check.same_device(keep=keep, positions=positions)
     indices, cu_seqlens, kept_positions = resolve(backend, "compact", keep.device, torch.float32).compact(keep,
                                                                                                            positions)
     exact = keep.device.type == "cpu" and keep.shape[0] > 0

@@ -326,3 +326,16 @@ def test_cache_and_training_attention_check_softmax_scale(scale):
     qb, kb = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
     with pytest.raises(ValueError, match="softmax_scale must be"):
         mk.keep_masked_attention(qb, kb, kb, torch.ones(1, 3, dtype=torch.bool), softmax_scale=scale)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_compact_checks_its_arguments_and_matches_route(backend):
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    positions = torch.arange(3).expand(2, 3)
+    indices, cu, kept_positions, max_seqlen = mk.compact(keep, positions, backend=backend)
+    assert indices.tolist() == [0, 2, 5] and cu.tolist() == [0, 2, 3] and kept_positions.tolist() == [0, 2, 2]
+    assert max_seqlen == 2
+    with pytest.raises(TypeError, match="keep must have dtype"):
+        mk.compact(keep.int(), positions, backend=backend)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        mk.compact(keep, positions[:, :2], backend=backend)

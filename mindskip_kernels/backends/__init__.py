@@ -121,9 +121,19 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, nee
 def find(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> ModuleType | None:
     """The module `resolve` would pick for `op` in inference, or None where `backend` cannot run it here (for a
     caller with a plain-torch fallback, e.g. the predicated projection). Raises nothing: torch.compile traces it."""
-    for name in PREFERENCE.get(device.type, ("reference",)) if backend == "auto" else (backend,):
+    names = PREFERENCE.get(device.type, ("reference",)) if backend == "auto" else (backend,)
+    return _first_supporting(names, op, device, dtype, False, None)
+
+
+def _first_supporting(names: tuple[str, ...], op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
+                      head_dim: int | None) -> ModuleType | None:
+    """The first of `names` that can be imported and runs `op` here (with a backward if needed; heads larger
+    than MAX_HEAD_DIM only on the reference)."""
+    big_heads = head_dim is not None and head_dim > MAX_HEAD_DIM
+    for name in names:
         mod = module(name)
-        if mod is not None and mod.supports(op, device, dtype):
+        if (mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op))
+                and (not big_heads or name == "reference")):
             return mod
     return None
 
@@ -134,12 +144,10 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
-        for name in PREFERENCE.get(device.type, ("reference",)):
-            mod = module(name)
-            if (mod is not None and mod.supports(op, device, dtype) and (not needs_grad or _differentiable(mod, op))
-                    and (not big_heads or name == "reference")):
-                return mod
-        raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
+        mod = _first_supporting(PREFERENCE.get(device.type, ("reference",)), op, device, dtype, needs_grad, head_dim)
+        if mod is None:
+            raise ValueError(f"no backend supports {op} on {device} with {dtype}")  # reference supports all
+        return mod
     mod = module(backend)
     if mod is None:
         raise RuntimeError(f"backend {backend!r} cannot be imported here; install its extra "
