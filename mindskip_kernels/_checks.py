@@ -100,6 +100,20 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def query_positions(positions: torch.Tensor | None, rows_q: int, causal: bool, grad: bool) -> None:
+    """The optional per-query key limits of the varlen attention ops: [Tq] int32/int64, with causal=True, on
+    inputs that need no gradient (forward only, on every backend). Any value is valid (clamped by the kernels)."""
+    if positions is None:
+        return
+    tensor("query_positions", positions, ndim=1, dtypes=INDEX_DTYPES)
+    if positions.shape[0] != rows_q:
+        raise ValueError(f"query_positions must have shape [{rows_q}] (one per query row), got {tuple(positions.shape)}")
+    if not causal:
+        raise ValueError("query_positions needs causal=True (it is the causal rule, per query)")
+    if grad:
+        raise ValueError("query_positions is forward only: call it on tensors that do not require grad")
+
+
 def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, rows_q: int, rows_k: int,
                    max_seqlen_q: object, max_seqlen_k: object) -> None:
     """The sequence offsets of `varlen_attention`, checked once for every backend.

@@ -11,7 +11,8 @@ from mindskip_kernels.backends import needs_grad, resolve
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
-                     softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                     softmax_scale: float | None = None, query_positions: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
     """Softmax attention within each packed sequence; returns [Tq, Hq, Dh].
 
     q [Tq, Hq, Dh], k/v [Tk, Hkv, Dh] with Hq % Hkv == 0 (GQA, query head h reads kv head h // (Hq/Hkv)).
@@ -19,6 +20,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     a sequence with Lq queries and Lk keys sees keys 0..i+Lk-Lq (top-left, keys 0..i, when Lq == Lk).
     Queries that see no key (empty key sequence) return zeros. max_seqlen_* are upper bounds. Key rows past
     cu_seqlens_k[-1] are unused (never read). What is checked on which device: `_checks.varlen_offsets`.
+    query_positions [Tq] int32/int64 (forward only, causal): query t sees its sequence's keys 0..query_positions[t]
+    instead of the bottom-right rule (clamped to the keys there are; negative: none). This is attention of a subset
+    of the queries against every key (kv="all": the kept tokens' queries, every token's keys).
     """
     check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("k", k, ndim=3, dtypes=(q.dtype,))
@@ -33,11 +37,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]}) for grouped-query attention")
     check.varlen_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    check.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check.query_positions(query_positions, q.shape[0], causal, needs_grad(q, k, v))
+    check.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      query_positions=query_positions)
     scale = check.softmax_scale(softmax_scale, q.shape[-1])
     op = resolve(backend, "varlen_attention", q.device, q.dtype, needs_grad(q, k, v),
                  empty=q.numel() == 0 or k.numel() == 0, head_dim=q.shape[-1])
-    return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return op.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                               query_positions)
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -98,7 +105,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, *,
                            causal: bool = True, softmax_scale: float | None = None,
-                           backend: str = "auto") -> torch.Tensor:
+                           query_positions: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Packed queries against a paged KV cache (prefill with a cache, chunked prefill); returns [Tq, Hq, Dh].
 
     q [Tq, Hq, Dh] packed by cu_seqlens_q [B+1]; k_cache/v_cache pools [num_blocks, block_size, Hkv, Dh] and
@@ -106,6 +113,8 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     0..cache_seqlens[b]-1, the new tokens' own keys already appended; causal masking is aligned bottom-right
     (query i of Lq sees keys 0..i+Lk-Lq). Rows past a sequence's length are never read into the result;
     queries that see no key return zeros. max_seqlen_q is an upper bound on the queries per sequence.
+    query_positions [Tq] (forward only, causal): query t sees its sequence's keys 0..query_positions[t], as in
+    `varlen_attention` (kv="all": the kept queries of a chunk against the whole cached sequence).
     """
     check.tensor("q", q, ndim=3, dtypes=check.FLOAT_DTYPES)
     check.tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=check.INDEX_DTYPES)
@@ -114,12 +123,13 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be a non-negative int, got {max_seqlen_q!r}")
     _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q.numel() - 1)
-    check.same_device(q=q, cu_seqlens_q=cu_seqlens_q)
+    check.query_positions(query_positions, q.shape[0], causal, needs_grad(q, k_cache, v_cache))
+    check.same_device(q=q, cu_seqlens_q=cu_seqlens_q, query_positions=query_positions)
     scale = check.softmax_scale(softmax_scale, q.shape[-1])
     op = resolve(backend, "paged_varlen_attention", q.device, q.dtype, needs_grad(q, k_cache, v_cache),
                  head_dim=q.shape[-1])
     return op.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
-                                     causal, scale)
+                                     causal, scale, query_positions)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, *,

@@ -96,8 +96,9 @@ def _to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> tuple
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                     softmax_scale: float) -> torch.Tensor:
-    """Attention per sequence of packed tokens, GQA, fp32 accumulation; causal aligned bottom-right.
+                     softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention per sequence of packed tokens, GQA, fp32 accumulation; causal aligned bottom-right, or with
+    `query_positions` query t sees keys 0..query_positions[t].
 
     Sequences are padded to the given maxima and run through SDPA with a mask; a query that sees no key
     (empty key sequence) gets zeros.
@@ -114,7 +115,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     i = torch.arange(len_q, device=q.device).view(1, 1, -1, 1)
     j = torch.arange(len_k, device=q.device).view(1, 1, 1, -1)
     allowed = j < n_k
-    if causal:
+    if query_positions is not None:
+        last = torch.full((cu_seqlens_q.numel(), len_q), -1, dtype=torch.long, device=q.device)
+        last[seq_q, off_q] = query_positions.long()  # rows past cu_seqlens_q[-1] land in the spare sequence
+        allowed = allowed & (j <= last[:-1].view(-1, 1, len_q, 1))
+    elif causal:
         allowed = allowed & (j <= i + (n_k - n_q))
     has_key = allowed.any(-1, keepdim=True)
     allowed = allowed | (~has_key & (j == 0))  # keep fully-masked rows finite; zeroed below
@@ -150,7 +155,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
-                           softmax_scale: float) -> torch.Tensor:
+                           softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """`varlen_attention` with sequence b's keys = rows 0..cache_seqlens[b]-1 of the paged pools (lengths
     clamped to the table's capacity), gathered by selection so other pool rows never enter (tests only: one
     host read of the total)."""
@@ -163,7 +168,8 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     s = rows - cu_k.index_select(0, seq)
     block = block_table.long()[seq, s // bs].clamp(0, max(k_cache.shape[0] - 1, 0))
     k, v = (pool[block, s % bs] for pool in (k_cache, v_cache))
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_k.to(torch.int32), max_seqlen_q, width, causal, softmax_scale)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_k.to(torch.int32), max_seqlen_q, width, causal, softmax_scale,
+                            query_positions)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
