@@ -12,6 +12,19 @@ GRANULARITIES = ("token", "sequence")
 # What a router decides to run (the paper's Table 1): the attention sub-layer (MindSkip), the MLP sub-layer (its
 # router reads post_attention_layernorm), or the whole decoder block (Mixture-of-Depths; input_layernorm).
 TARGETS = ("attention", "mlp", "block")
+# What a skipped token still computes (design.md s.1): no K/V (the paper's rule), or its K/V, only the query skipped
+KV_RULES = ("kept", "all")
+
+
+def kv_rule(value: object, granularity: str, target: str) -> str:
+    """A K/V rule valid for the granularity and target: "all" only for token routing of attention or blocks
+    (with sequence routing or the MLP target no one would read a skipped token's K/V)."""
+    if value not in KV_RULES:
+        raise ValueError(f"kv must be one of {KV_RULES}, got {value!r}")
+    if value == "all" and (granularity != "token" or target == "mlp"):
+        raise ValueError(f'kv="all" (skipped tokens keep their K/V) needs granularity="token" and target '
+                         f'"attention" or "block", got granularity={granularity!r}, target={target!r}')
+    return value
 
 
 def tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None,
@@ -107,7 +120,8 @@ def query_positions(positions: torch.Tensor | None, rows_q: int, causal: bool, g
         return
     tensor("query_positions", positions, ndim=1, dtypes=INDEX_DTYPES)
     if positions.shape[0] != rows_q:
-        raise ValueError(f"query_positions must have shape [{rows_q}] (one per query row), got {tuple(positions.shape)}")
+        raise ValueError(f"query_positions must have shape [{rows_q}] (one per query row), got "
+                         f"{tuple(positions.shape)}")
     if not causal:
         raise ValueError("query_positions needs causal=True (it is the causal rule, per query)")
     if grad:

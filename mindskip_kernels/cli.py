@@ -19,8 +19,12 @@ import platform
 
 import torch
 
-from mindskip_kernels._checks import GRANULARITIES, TARGETS
+from mindskip_kernels._checks import GRANULARITIES, KV_RULES, TARGETS
 from mindskip_kernels.fitting import CALIBRATION_ITEMS, DEFAULT_METHOD, FINE_TUNE_STEPS, METHODS
+
+# `mindskip tune`'s K/V rule (apply_mindskip's default stays the paper's "kept"): "all" loses far less at the same
+# keep rate (README results, docs/tuning.md), for the skipped tokens' K/V projections and no cache saved
+DEFAULT_KV = "all"
 
 
 def _version(package: str) -> str:
@@ -95,7 +99,7 @@ def _tune(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
                    granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
-                   target=args.target)
+                   target=args.target, kv=args.kv)
     fit, history = fit_then_tune(model, args.data, tokenizer, method=args.method, keep=args.keep,
                                  calibration=args.calibration_data, calibration_items=args.calibration_items,
                                  rule=args.rule, steps=args.steps, batch_size=args.batch_size,
@@ -105,7 +109,7 @@ def _tune(args: argparse.Namespace) -> int:
     rank, world = distributed()
     if rank == 0:
         info = {"method": args.method, "rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr,
-                "seed": args.seed, "sink_tokens": args.sink_tokens, "target": args.target,
+                "seed": args.seed, "sink_tokens": args.sink_tokens, "target": args.target, "kv": args.kv,
                 "data": os.fspath(args.data)}
         if fit is not None:
             info["fit"] = {"seconds": fit.seconds, "r2": {str(i): f.r2 for i, f in fit.layers.items()},
@@ -130,7 +134,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from mindskip_kernels.tuning import calibrate
 
     model, tokenizer = _load(args)
-    load_routers(model, args.routers, backend=args.backend)
+    load_routers(model, args.routers, backend=args.backend, kv=args.kv)
     result = calibrate(model, args.data, args.keep, tokenizer, batch_size=args.batch_size,
                        max_length=args.max_length)
     save_routers(model, args.out, {"calibrated_from": os.fspath(args.routers), "keep": args.keep,
@@ -146,7 +150,7 @@ def _export_layers(args: argparse.Namespace) -> int:
     from mindskip_kernels.tuning import evaluate
 
     model, tokenizer = _load(args)
-    load_routers(model, args.routers, backend=args.backend)
+    load_routers(model, args.routers, backend=args.backend, kv=args.kv)
     targets = sorted({layer.mindskip.target for layer in mindskip_layers(model).values()})
     if len(targets) != 1:
         raise ValueError(f"export-layers exports the routers of one target; {args.routers} routes {targets}")
@@ -180,7 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
         evaluate(model, items[: args.batch_size], batch_size=args.batch_size)  # warm-up, untimed
         dense = evaluate(model, items, batch_size=args.batch_size)
         if args.routers:
-            load_routers(model, args.routers, backend=args.backend)
+            load_routers(model, args.routers, backend=args.backend, kv=args.kv)
         else:
             drop_sublayers(model, spec["drop"], spec["target"])
         routed = evaluate(model, items, batch_size=args.batch_size)
@@ -204,6 +208,11 @@ def _add_model(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="under torchrun, cuda means cuda:LOCAL_RANK")
     p.add_argument("--backend", default="auto", help="MindSkip kernel backend (auto, reference, triton, compiled)")
+
+
+def _add_kv_override(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv", choices=KV_RULES, default=None,
+                   help="run the routers under this K/V rule (default: the one they were tuned under)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--granularity", choices=GRANULARITIES, default="token")
     tune.add_argument("--target", choices=TARGETS, default="attention",
                       help="what a skipped token skips: attention (MindSkip), mlp, or the whole block (MoD)")
+    tune.add_argument("--kv", choices=KV_RULES, default=DEFAULT_KV,
+                      help=f"K/V rule (default {DEFAULT_KV}): all = a skipped token keeps its K/V, only its query is "
+                           f"skipped (better quality, no cache saved); kept = the paper's (it writes no K/V)")
     tune.add_argument("--sink-tokens", type=int, default=1,
                       help="token granularity: the first N real tokens always run attention (attention sinks; "
                            "0 = the paper's semantics)")
@@ -255,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--routers", required=True, help="directory written by `mindskip tune`, or a state-dict file")
     cal.add_argument("--keep", type=_keep, required=True, help="fraction of routed attention to run")
     cal.add_argument("--out", required=True, help="directory for the recalibrated routers")
+    _add_kv_override(cal)
     cal.set_defaults(func=_calibrate)
 
     exp = sub.add_parser("export-layers", help="tuned routers -> a static list of sub-layers to drop")
@@ -264,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep", type=_keep, default=None, help="fraction of routed layers to keep")
     group.add_argument("--n", type=int, default=None, help="number of layers to drop")
     exp.add_argument("--out", required=True, help="JSON file: {'target': t, 'drop': [layers], ...}")
+    _add_kv_override(exp)
     exp.set_defaults(func=_export_layers)
 
     ev = sub.add_parser("eval", help="perplexity, keep rate per layer and speed vs dense")
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--routers", help="directory written by `mindskip tune`, or a state-dict file")
     what.add_argument("--drop-layers", help="JSON file written by `mindskip export-layers`")
+    _add_kv_override(ev)
     ev.set_defaults(func=_eval)
     return parser
 

@@ -126,6 +126,12 @@ def router_tune(model: nn.Module, data: Data, tokenizer=None, *, keep: float | N
     _check_keep(keep)
     if rule not in hf.RULES:
         raise ValueError(f"rule must be one of {hf.RULES}, got {rule!r}")
+    ruled = sorted(i for i, layer in layers.items() if rule not in layer.mindskip.sublayer.training_rules)
+    if ruled:
+        kv = layers[ruled[0]].mindskip.kv
+        raise ValueError(f'rule {rule!r} is not a training forward of kv="{kv}" (layers {ruled}); it has '
+                         f'{layers[ruled[0]].mindskip.sublayer.training_rules} (under kv="all" the training forward '
+                         f'is the inference forward)')
     _check_positive(batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                     calibration_items=calibration_items)
     if steps is not None:

@@ -1,9 +1,10 @@
 """A KV cache that stores only what was computed.
 
-`MindSkipCache` is a transformers `DynamicCache` whose routed layers hold a `RoutedKVLayer`: K/V of kept
-tokens only, per sequence, in a `kv_pool.PagedKVPool` (fixed-size blocks, a block table per sequence, like
-vLLM), so sequences of the batch have ragged lengths and waste at most one partial block each. The paged
-attention ops read the pool in place. Unrouted layers keep transformers' ordinary `DynamicLayer`.
+`MindSkipCache` is a transformers `DynamicCache` whose routed layers hold a `RoutedKVLayer`: K/V of the tokens
+that computed them (kept tokens only under the paper's rule; every real token under kv="all"), per sequence, in
+a `kv_pool.PagedKVPool` (fixed-size blocks, a block table per sequence, like vLLM), so sequences of the batch
+have ragged lengths and waste at most one partial block each. The paged attention ops read the pool in place.
+Unrouted layers keep transformers' ordinary `DynamicLayer`.
 `apply_mindskip` models create it automatically in `generate` and in forwards with `use_cache=True`.
 
 Sizing: by default each routed layer's pool starts at what the prompt needs and grows by 25% when the
@@ -121,36 +122,55 @@ class RoutedKVLayer(CacheLayerMixin):
                                     device=like.device, growable=self.num_blocks is None)
         return self.pool
 
-    def attend_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan,
-                       softmax_scale: float | None, backend: str) -> torch.Tensor:
-        """Append the kept tokens' K/V [T, Hkv, Dh] (RoPE applied) at the end of their sequences, then attend
-        each kept query [T, Hq, Dh] over its sequence's cached kept tokens, causal aligned at the end (prefill
-        and chunked prefill; the paged varlen op reads the pool in place). Returns [T, Hq, Dh]."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Append the K/V [T, Hkv, Dh] (RoPE applied) of the rows of `plan` (the kept tokens; under kv="all"
+        every real token) at the end of their sequences. Returns the lengths before [B] int64 (a copy)."""
         pool = self._pool_for(plan.batch_size, plan.seq_len, k)
+        before = pool.lengths.long()
         seq = plan.indices // plan.seq_len
         rank = torch.arange(seq.shape[0], device=k.device) - plan.cu_seqlens.long().index_select(0, seq)
         pool.append(k, v, seq, rank, plan.cu_seqlens[1:] - plan.cu_seqlens[:-1], max_per_seq=plan.seq_len)
+        return before
+
+    def attend(self, q: torch.Tensor, plan: RoutingPlan, softmax_scale: float | None, backend: str,
+               query_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The queries [T, Hq, Dh] of `plan`'s rows over their sequences' cached keys (the paged varlen op reads
+        the pool in place): causal aligned at the end, or with query_positions [T] up to those cache rows.
+        Returns [T, Hq, Dh]."""
+        pool = self._pool_for(plan.batch_size, plan.seq_len, q)
         return paged_varlen_attention(q, pool.k, pool.v, plan.cu_seqlens, pool.lengths, pool.block_table,
-                                      plan.max_seqlen, causal=True, softmax_scale=softmax_scale, backend=backend)
+                                      plan.max_seqlen, causal=True, softmax_scale=softmax_scale,
+                                      query_positions=query_positions, backend=backend)
+
+    def attend_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan,
+                       softmax_scale: float | None, backend: str) -> torch.Tensor:
+        """The kept rule's prefill and chunked prefill: append the kept tokens' K/V, then attend each kept query
+        over its sequence's cached kept tokens. Returns [T, Hq, Dh]."""
+        self.append(k, v, plan)
+        return self.attend(q, plan, softmax_scale, backend)
 
     def attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                      softmax_scale: float | None, backend: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+                      softmax_scale: float | None, backend: str, rows: torch.Tensor | None = None,
+                      write: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per sequence, keep [B] bool a device flag per sequence. Device path (rows None): every
-        sequence's q/k/v [B, ...] goes through; kept ones append their K/V and attend over their cache,
-        skipped ones take no slot, read no cache and get zeros; fixed shapes, no host read (unless the pool's
-        capacity bound is hit, see `kv_pool`). With `rows` (the kept sequences, compacted on the host where
-        that is free), q/k/v hold those rows only. Returns attention [R, Hq, Dh] for the rows given."""
-        pool = self._pool_for(keep.shape[0], 1, k)
-        if rows is None:
-            rows = torch.arange(keep.shape[0], device=k.device)
-            valid, lengths = keep, None
+        sequence's q [B, ...] goes through; kept ones attend over their cache, skipped ones read no cache and get
+        zeros; fixed shapes, no host read (unless the pool's capacity bound is hit, see `kv_pool`). With `rows`
+        (the kept sequences, compacted on the host where that is free), q holds those rows only. Who appends:
+        by default the kept rows (k/v like q, a skipped row takes no slot); with `write` [B] bool (kv="all") k/v
+        hold every sequence's row and those with the flag append. Returns attention [R, Hq, Dh] for q's rows."""
+        batch = keep.shape[0]
+        pool = self._pool_for(batch, 1, k)
+        every = torch.arange(batch, device=k.device)
+        if write is not None:
+            pool.append(k, v, every, torch.zeros_like(every), write.to(torch.int32), valid=write, max_per_seq=1)
+        elif rows is None:
+            pool.append(k, v, every, torch.zeros_like(every), keep.to(torch.int32), valid=keep, max_per_seq=1)
         else:
-            valid, lengths = None, pool.lengths.index_select(0, rows)
-        pool.append(k, v, rows, torch.zeros_like(rows), keep.to(torch.int32), valid=valid, max_per_seq=1)
-        if lengths is None:
+            pool.append(k, v, rows, torch.zeros_like(rows), keep.to(torch.int32), max_per_seq=1)
+        if rows is None:
             lengths, table = torch.where(keep, pool.lengths, 0), pool.block_table  # 0: the kernel exits early
         else:
-            lengths, table = lengths + 1, pool.block_table.index_select(0, rows)
+            lengths, table = pool.lengths.index_select(0, rows), pool.block_table.index_select(0, rows)
         return decode_attention(q, pool.k, pool.v, lengths, block_table=table, softmax_scale=softmax_scale,
                                 backend=backend)
 

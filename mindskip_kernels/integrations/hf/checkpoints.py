@@ -26,8 +26,8 @@ META_FILE = "mindskip.json"
 
 def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
-    into directory `path`: layers, each layer's threshold, granularity and target (`thresholds`,
-    `granularities`, `targets`, by layer index), `threshold` / `granularity` when every layer has the same
+    into directory `path`: layers, each layer's threshold, granularity, target and K/V rule (`thresholds`,
+    `granularities`, `targets`, `kv`, by layer index), `threshold` / `granularity` when every layer has the same
     (else null), and under "tuning" the JSON-serialisable `info` (how they were tuned)."""
     from safetensors.torch import save_file
 
@@ -41,12 +41,13 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     thresholds = {str(i): layer.mindskip.threshold for i, layer in layers.items()}
     granularities = {str(i): layer.mindskip.granularity for i, layer in layers.items()}
     targets = {str(i): layer.mindskip.target for i, layer in layers.items()}
+    kv_rules = {str(i): layer.mindskip.kv for i, layer in layers.items()}
 
     def common(values: dict):
         return next(iter(values.values())) if len(set(values.values())) == 1 else None
 
     meta = {"layers": sorted(layers), "threshold": common(thresholds), "granularity": common(granularities),
-            "thresholds": thresholds, "granularities": granularities, "targets": targets,
+            "thresholds": thresholds, "granularities": granularities, "targets": targets, "kv": kv_rules,
             "sink_tokens": max(layer.mindskip.sink_tokens for layer in layers.values()),
             "model_type": model_type(model),
             "hidden_size": next(iter(tensors.values())).shape[1]}
@@ -57,9 +58,10 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
 
 
 def _read_routers(path: str | os.PathLike
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int, str]] | None, str]:
-    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens, target)} or None for a bare
-    state-dict file, the file named in errors). Files written before targets existed route attention."""
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int, str, str]] | None, str]:
+    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens, target, kv)} or None for a bare
+    state-dict file, the file named in errors). Files written before targets (K/V rules) existed route attention
+    (under kv="kept")."""
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
@@ -83,12 +85,13 @@ def _read_routers(path: str | os.PathLike
                          f"{meta['layers']}")
     per_layer = {i: (meta.get("thresholds", {}).get(str(i), meta.get("threshold")),
                      meta.get("granularities", {}).get(str(i), meta.get("granularity")),
-                     meta.get("sink_tokens", 0), meta.get("targets", {}).get(str(i), "attention")) for i in weights}
+                     meta.get("sink_tokens", 0), meta.get("targets", {}).get(str(i), "attention"),
+                     meta.get("kv", {}).get(str(i), "kept")) for i in weights}
     return weights, per_layer, meta_file
 
 
 def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None = None, *,
-                 granularity: str | None = None) -> nn.Module:
+                 granularity: str | None = None, kv: str | None = None) -> nn.Module:
     """Load routers saved by `save_routers` (a directory: each layer's threshold and granularity come from its
     metadata), or a state-dict file (`.safetensors`, or torch `.bin`/`.pt`) with keys
     `model.layers.{i}.router.weight` (the paper's naming; other keys are ignored). A bare file has no settings:
@@ -97,7 +100,8 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
     `backend` None keeps an existing patch's backend ("auto" for new layers). The target comes from the
     metadata ("attention" for files written before targets existed; a bare file keeps an existing patch's,
     else "attention"); a layer the model already routes for another target is refused (ValueError naming
-    both).
+    both). The K/V rule likewise comes from the metadata ("kept" before rules existed; a bare file keeps an
+    existing patch's, else "kept"); `kv` overrides it (a router tuned under one rule can run under the other).
 
     Everything is checked before the model is touched: on an error the model is exactly as it was."""
     if granularity is not None:
@@ -120,10 +124,11 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
                              f", the model needs a float [1, {hidden}] (hidden size {hidden})")
         old = patched[i].mindskip if i in patched else None
         if per_layer is not None:
-            threshold, gran, sink, target = per_layer[i]
+            threshold, gran, sink, target, rule = per_layer[i]
         else:
-            threshold, gran, sink, target = ((old.threshold, old.granularity, old.sink_tokens, old.target)
-                                             if old is not None else (0.5, "sequence", 0, "attention"))
+            threshold, gran, sink, target, rule = ((old.threshold, old.granularity, old.sink_tokens, old.target,
+                                                    old.kv) if old is not None else (0.5, "sequence", 0, "attention",
+                                                                                      "kept"))
         if target not in TARGETS:
             raise ValueError(f"{source}: layer {i} has target {target!r}, expected one of {TARGETS}")
         if old is not None and old.target != target:
@@ -131,8 +136,13 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
                              f"the model already routes that layer with target {old.target!r}; load into a "
                              f"model patched with target={target!r} or an unpatched one")
         layer_backend = backend if backend is not None else old.backend if old is not None else "auto"
-        settings[i] = dict(threshold=check.threshold(threshold), granularity=check.granularity(granularity or gran),
-                           backend=layer_backend, sink_tokens=check.sink_tokens(sink), target=target,
+        gran = check.granularity(granularity or gran)
+        try:
+            rule = check.kv_rule(kv or rule, gran, target)
+        except ValueError as e:
+            raise ValueError(f"{source}: layer {i}: {e}") from None
+        settings[i] = dict(threshold=check.threshold(threshold), granularity=gran, backend=layer_backend,
+                           sink_tokens=check.sink_tokens(sink), target=target, kv=rule,
                            host_compact=old.host_compact if old is not None else True)
     for i, layer_settings in settings.items():
         apply_mindskip(model, layers=[i], **layer_settings)

@@ -21,8 +21,8 @@ from torch import nn
 from mindskip_kernels.attention import Attend, routed_update, straight_through_gate
 from mindskip_kernels.backends import find
 from mindskip_kernels.integrations.hf.cache import MindSkipCache, RoutingState
+from mindskip_kernels.integrations.hf.layer_call import LayerCall, Project
 from mindskip_kernels.integrations.hf.state import LayerState
-from mindskip_kernels.integrations.hf.sublayers import LayerCall, Project
 from mindskip_kernels.routing import RoutingPlan, route, score
 from mindskip_kernels.rowwise import predicated_linear
 
@@ -147,7 +147,8 @@ def decode_step(layer: nn.Module, call: LayerCall, state: RoutingState) -> Route
     else:
         rows, project = None, decode_projection(st.backend, keep, z)
     hidden = call.x
-    if rows is None or rows.numel():  # nothing kept on the CPU path: no projection, no cache access
+    # nothing kept on the CPU path: no projection, no cache access (unless a skipped row still writes its K/V)
+    if rows is None or rows.numel() or st.sublayer.writes_skipped:
         hidden = _decode_add(call.x, keep, rows, st.sublayer.decode(layer, call, z, keep, rows, project))
     return Routed(hidden, scores, keep.unsqueeze(1), decision=decision)
 

@@ -37,7 +37,7 @@ def observe_sublayers(model: nn.Module, targets: dict[int, str], fn: Observer) -
     handles = []
     try:
         for i, target in targets.items():
-            sublayer = SUBLAYERS[target]
+            sublayer = SUBLAYERS[target, "kept"]  # what is observed does not depend on the K/V rule
             source, sink = sublayer.observed(layers[i])
             handles.append(source.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(sink.register_forward_hook(post(i, sublayer)))

@@ -19,7 +19,7 @@ from mindskip_kernels.integrations.hf.sublayers import SUBLAYERS
 
 def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, threshold: float = 0.5,
                    granularity: str = "token", backend: str = "auto", *, sink_tokens: int = 0,
-                   target: str = "attention", host_compact: bool = True) -> nn.Module:
+                   target: str = "attention", kv: str = "kept", host_compact: bool = True) -> nn.Module:
     """Add a zero-initialised MindSkip router to chosen decoder layers of a transformers causal LM.
 
     layers: None = the paper's choice (the last half of the layers before the final one), an int n = the
@@ -29,16 +29,20 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     it as a key hurts every kept query). 0 = the paper's semantics. target (TARGETS): what a skipped token skips:
     "attention" (MindSkip), "mlp" (the router reads post_attention_layernorm; attention runs for every
     token), or "block" (Mixture-of-Depths: attention among the kept tokens, then the MLP on them; skipped
-    tokens pass the whole block unchanged). host_compact: on the CPU, decode steps compact the kept rows on the
-    host (free there); False runs the fixed-shape device path that accelerators run. Returns the same model,
-    patched in place.
+    tokens pass the whole block unchanged). kv (KV_RULES, design.md s.1): "kept" (the paper's rule) - a skipped
+    token writes no K/V, the kept tokens attend among themselves; "all" (token granularity, attention or block
+    target) - every token writes its K/V, a kept token attends to all earlier tokens, a skipped one computes no
+    query, attention or o_proj (block: no MLP): better quality, no cache memory saved. host_compact: on the
+    CPU, decode steps compact the kept rows on the host (free there); False runs the fixed-shape device path
+    that accelerators run. Returns the same model, patched in place.
     """
     check_supported(model)
     threshold = check.threshold(threshold)
     granularity = check.granularity(granularity)
     check.backend(backend)
     sink_tokens = check.sink_tokens(sink_tokens)
-    sublayer = SUBLAYERS[check.target(target)]
+    target = check.target(target)
+    sublayer = SUBLAYERS[target, check.kv_rule(kv, granularity, target)]
     if not isinstance(host_compact, bool):
         raise TypeError(f"host_compact must be a bool, got {type(host_compact).__name__}")
     base = base_model(model)

@@ -66,7 +66,7 @@ class ModelState:
 @dataclass
 class LayerState:
     """Per-layer MindSkip settings (what a forward decided is collected by `record_routing`). `sublayer` is the
-    routed target's object, chosen once by `apply_mindskip`; `target` is its name."""
+    routed target's object, chosen once by `apply_mindskip`; `target` and `kv` are its target and K/V rule."""
 
     layer_idx: int
     threshold: float
@@ -84,6 +84,10 @@ class LayerState:
     @property
     def target(self) -> str:
         return self.sublayer.name
+
+    @property
+    def kv(self) -> str:
+        return self.sublayer.kv
 
     def record(self, scores: torch.Tensor | None, keep: torch.Tensor, real: torch.Tensor | None,
                keep_rate: torch.Tensor | None) -> None:
