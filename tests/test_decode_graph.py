@@ -1,7 +1,7 @@
 """Graph-ready decode, proved on the CPU with the code path CUDA runs (no device-type branch in it): the routed
 decoder layer's decode step compiles with torch.compile(fullgraph=True), and one decode step of a patched
 tiny Llama reads no more tensor data on the host than the dense model's (zero added), at token and
-sequence granularity, for every routed target."""
+sequence granularity, for every routed target and K/V rule."""
 
 from __future__ import annotations
 
@@ -70,11 +70,16 @@ def _decode_setup(model, cache, steps: int = 2):
     return {"input_ids": nxt, "attention_mask": mask, "position_ids": pos, "cache": cache, "use_cache": True}
 
 
-def _patched(granularity: str, backend: str = "auto", target: str = "attention"):
+# (granularity, target, K/V rule) of the routed decode steps under test: every valid combination
+ROUTINGS = [pytest.param(g, t, "kept", id=f"{g}-{t}") for g in ("token", "sequence") for t in TARGETS] + [
+    pytest.param("token", t, "all", id=f"token-{t}-kv_all") for t in ("attention", "block")]
+
+
+def _patched(granularity: str, backend: str = "auto", target: str = "attention", kv: str = "kept"):
     model = tiny_model("llama")
-    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target,
+    mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target, kv=kv,
                       host_compact=False)  # the decode path accelerators run
-    torch.manual_seed(2)
+    torch.manual_seed(2 if kv == "kept" else 4)  # seeds whose last decode step both keeps and skips rows
     randomize_routers(model, std=4.0)
     return model
 
@@ -90,10 +95,9 @@ def count_host_reads(model, inputs) -> list[str]:
     return reads.reads
 
 
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
-@pytest.mark.parametrize("target", TARGETS)
-def test_decode_step_adds_no_host_reads(granularity, target):
-    model = _patched(granularity, target=target)
+@pytest.mark.parametrize(("granularity", "target", "kv"), ROUTINGS)
+def test_decode_step_adds_no_host_reads(granularity, target, kv):
+    model = _patched(granularity, target=target, kv=kv)
     with record_routing(model) as rec:
         inputs = _decode_setup(model, _fixed_cache(model))
     keep = torch.cat([e.keep for e in rec.entries[-len(ROUTED):]])  # the last decode step's decisions
@@ -134,14 +138,13 @@ def test_host_read_counter_sees_reads():
     assert "Tensor.tolist" in count_host_reads(model, inputs), "a full bound must read the lengths to grow"
 
 
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize(("granularity", "target", "kv"), ROUTINGS)
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-@pytest.mark.parametrize("target", TARGETS)
-def test_routed_decode_layer_compiles_fullgraph(granularity, backend, target):
+def test_routed_decode_layer_compiles_fullgraph(granularity, backend, target, kv):
     """The routed decoder layer's decode step (router flag, paged append, paged decode attention, predicated
     add, MLP; for the MLP target attention with its dense cache layer, then the routed MLP) traces into one
     graph, and gives what eager gives, cache state included."""
-    model = _patched(granularity, backend, target)
+    model = _patched(granularity, backend, target, kv)
     cache_eager = _fixed_cache(model)
     inputs = _decode_setup(model, cache_eager)
     cache_compiled = copy.deepcopy(cache_eager)
