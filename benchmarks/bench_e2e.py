@@ -5,6 +5,7 @@
     python benchmarks/bench_e2e.py --skip 0 0.25 0.5 0.75 --csv out.csv --plot out.png
     python benchmarks/bench_e2e.py --shapes 1x256 1x2048 4x512 --phases decode   # the README's decode points
     python benchmarks/bench_e2e.py --target attention mlp block --phases prefill --skip 0.5   # per target
+    python benchmarks/bench_e2e.py --kv kept all      # both K/V rules side by side (design.md s.1)
     python benchmarks/bench_e2e.py --smoke            # tiny model, a few seconds (CI)
 
 The same model elsewhere: CUDA-graph decode in bench_graph_decode.py, the fused-RMSNorm prefill comparison in
@@ -15,7 +16,9 @@ the attention sub-layer (MindSkip, the default), the MLP, or the whole block (Mi
 skip fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its
 tokens skips the target. "ideal" is Amdahl's law on measured times: the dense time minus that fraction of
 the routed targets' time (dense minus the same model with every routed target skipped); for decode the
-fraction is the one measured on the generated tokens (their routing is not calibrated).
+fraction is the one measured on the generated tokens (their routing is not calibrated). Under kv="all" the
+skipped tokens still compute their K/V, so "every routed target skipped" still runs those projections: its
+ideal is dense minus the skipped rows' q/o projections and attention, measured the same way.
 
 Decode also reports the K/V bytes each routed layer moves per step (read: the kept sequences' cached rows,
 once, by the paged kernel; written: the kept new rows) next to a dense layer's, and the K/V memory held
@@ -29,6 +32,8 @@ import sys
 
 import torch
 import transformers
+
+from mindskip_kernels._checks import KV_RULES
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,17 +62,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--target", nargs="+", choices=TARGETS, default=["attention"],
                    help="routed sub-layer(s), one table block each")
+    p.add_argument("--kv", nargs="+", choices=KV_RULES, default=["kept"],
+                   help="K/V rule(s) of the routed layers, one table block each (the MLP target: kept only)")
     p.add_argument("--plot")
     args, device, dtype, shapes = parse(p, argv)
 
     torch.manual_seed(0)
     dense = build_model(args.model, dtype, device)
-    models = {target: routed_model(dense, target, args.backend) for target in args.target}
+    models = {(target, kv): routed_model(dense, target, args.backend, kv) for target in args.target
+              for kv in args.kv if (target, kv) != ("mlp", "all")}
     rows, table = [], []
-    for target, model in models.items():
+    for (target, kv), model in models.items():
         for batch, seq_len in shapes:
-            rows += run_shape(args, dense, model, target, batch, seq_len, device, table)
-    print_table(["target", "shape", "phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal",
+            rows += run_shape(args, dense, model, target, kv, batch, seq_len, device, table)
+    print_table(["routed", "shape", "phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal",
                  "KV bytes"], table)
     if args.csv:
         write_csv(rows, args.csv)
@@ -76,13 +84,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
-def run_shape(args, dense, model, target: str, batch: int, seq_len: int, device: torch.device,
+def run_shape(args, dense, model, target: str, kv: str, batch: int, seq_len: int, device: torch.device,
               table: list) -> list[Row]:
     """Every skip fraction at one prompt shape, dense re-measured next to each point (interleaved)."""
     ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), device=device)
     tokens = torch.randint(0, dense.config.vocab_size, (args.decode_steps, batch, 1), device=device)
     dev, steps, shape = device_name(device), args.decode_steps, f"{batch}x{seq_len}"
-    print(f"{args.model}: {dense.config.num_hidden_layers} layers, {len(mindskip_layers(model))} routing {target}, "
+    print(f"{args.model}: {dense.config.num_hidden_layers} layers, {len(mindskip_layers(model))} routing {target} "
+          f"(kv={kv}), "
           f"batch {batch} x {seq_len} tokens, {args.dtype}, {dev}, backend={args.backend}")
     measure_prefill, measure_decode = "prefill" in args.phases, "decode" in args.phases
 
@@ -114,6 +123,7 @@ def run_shape(args, dense, model, target: str, batch: int, seq_len: int, device:
             fractions = [torch.cat(list(step.values())).float().mean().item() for step in kept]
             decode_skip = 1.0 - sum(fractions) / max(len(fractions), 1)
             point, name = f"{shape}/{skip}", "mindskip" if target == "attention" else f"mindskip-{target}"
+            name += "" if kv == "kept" else "-kv_all"
             rows += [Row("e2e", "dense", "prefill", "time", "ms", point, *dense_pre, dev),
                      Row("e2e", "dense", "decode", "time", "ms/token", point, *dense_dec, dev),
                      Row("e2e", name, "prefill", "time", "ms", point, *pre, dev),
@@ -123,7 +133,8 @@ def run_shape(args, dense, model, target: str, batch: int, seq_len: int, device:
                 if phase not in args.phases:
                     continue
                 ideal = amdahl(d[0], n[0], skipped)
-                table.append([target, shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x",
+                routed = target if kv == "kept" else f"{target} kv=all"
+                table.append([routed, shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x",
                               f"{ideal:.2f}x", f"{(d[0] / m[0]) / ideal:.0%}",
                               f"{cache.nbytes() / cache.dense_nbytes():.0%}" if phase == "decode" else ""])
             if measure_decode and target != "mlp":  # MLP-target layers keep a dense cache layer

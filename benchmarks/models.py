@@ -82,10 +82,10 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn
     return model.to(device).eval()
 
 
-def routed_model(dense: torch.nn.Module, target: str, backend: str) -> torch.nn.Module:
+def routed_model(dense: torch.nn.Module, target: str, backend: str, kv: str = "kept") -> torch.nn.Module:
     """A copy of `dense` with random routers (scores spread out, so the calibrated thresholds skip real
-    fractions) on the paper's layers, routing `target`."""
-    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target)
+    fractions) on the paper's layers, routing `target` under the K/V rule `kv`."""
+    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target, kv=kv)
     for layer in mindskip_layers(model).values():
         torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
     return model
