@@ -10,11 +10,12 @@ base model records the 2-D padding mask, which the decoder layers themselves nev
 One file per concern: patching.py (apply_mindskip, record_routing, thresholds), checkpoints.py (save_routers /
 load_routers), generation.py (new_cache and the generate hooks), cache.py (MindSkipCache: kept-only paged K/V
 and each routed layer's decode state), model.py (supported architectures, base model, layer choice),
-loading.py (load_model), sublayers.py (one object per routed target), forward.py (the layer forward) and
-observe.py (hooks on the dense model's sub-layers).
+loading.py (load_model), sublayers.py (one object per routed target), kv_rules.py (one object per K/V rule,
+held by the attention and block targets), layer_call.py (a layer call's metadata and the row helpers),
+forward.py (the layer forward) and observe.py (hooks on the dense model's sub-layers).
 """
 
-from mindskip_kernels._checks import TARGETS
+from mindskip_kernels._checks import KV_RULES, TARGETS
 from mindskip_kernels.integrations.hf.cache import MindSkipCache, RoutedKVLayer, RoutingState
 from mindskip_kernels.integrations.hf.checkpoints import META_FILE, ROUTERS_FILE, load_routers, save_routers
 from mindskip_kernels.integrations.hf.forward import RULES
@@ -38,6 +39,7 @@ __all__ = [
     "META_FILE",
     "ROUTERS_FILE",
     "RULES",
+    "KV_RULES",
     "SUPPORTED",
     "TARGETS",
     "LayerState",
