@@ -28,11 +28,13 @@ void check_scatter_add(const Tensor& residual, const Tensor& values, const Tenso
 void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                             const Tensor& cache_seqlens, const std::optional<Tensor>& block_table,
                             const Tensor& out);
+// The varlen checks include the optional query_positions ([Tq] int32/int64, only with causal).
 void check_paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                   const Tensor& cu_seqlens_q, const Tensor& cache_seqlens, const Tensor& block_table,
-                                  const Tensor& out);
+                                  bool causal, const Tensor& out, const std::optional<Tensor>& query_positions);
 void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
-                            const Tensor& cu_seqlens_k, const Tensor& out);
+                            const Tensor& cu_seqlens_k, bool causal, const Tensor& out,
+                            const std::optional<Tensor>& query_positions);
 
 // Largest head dim the attention kernels accept (the CUDA kernel keeps Dh/32 values per lane in registers).
 constexpr int64_t kMaxHeadDim = 256;

@@ -90,6 +90,15 @@ void check_paged(const char* op, const Tensor& k_cache, const Tensor& block_tabl
                     ", max_blocks] (one row per sequence), got ", block_table.sizes());
 }
 
+// Optional per-query key positions: [Tq] int32/int64 on q's device, only with causal attention.
+void check_query_positions(const char* op, const Tensor& q, bool causal, const std::optional<Tensor>& positions) {
+  if (!positions) return;
+  check_index(op, "query_positions", *positions);
+  check_shape(op, "query_positions", *positions, {q.size(0)}, "one per query row");
+  TORCH_CHECK_VALUE(causal, "mindskip.", op, ": query_positions needs causal=True (it is the causal rule, per query)");
+  check_same_device(op, {{"q", &q}, {"query_positions", &*positions}});
+}
+
 }  // namespace
 
 void check_router(const Tensor& z, const Tensor& weight, const std::optional<Tensor>& gamma, double eps,
@@ -196,7 +205,7 @@ void check_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor
 
 void check_paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                   const Tensor& cu_seqlens_q, const Tensor& cache_seqlens, const Tensor& block_table,
-                                  const Tensor& out) {
+                                  bool causal, const Tensor& out, const std::optional<Tensor>& query_positions) {
   const char* op = "paged_varlen_attention";
   check_rank(op, "q", q, 3, "[Tq, Hq, Dh]");
   check_float(op, "q", q);
@@ -218,10 +227,12 @@ void check_paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const 
   check_out(op, "out", out, q.sizes(), q.scalar_type());
   check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cu_seqlens_q", &cu_seqlens_q},
                          {"cache_seqlens", &cache_seqlens}, {"block_table", &block_table}, {"out", &out}});
+  check_query_positions(op, q, causal, query_positions);
 }
 
 void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
-                            const Tensor& cu_seqlens_k, const Tensor& out) {
+                            const Tensor& cu_seqlens_k, bool causal, const Tensor& out,
+                            const std::optional<Tensor>& query_positions) {
   const char* op = "varlen_attention";
   check_rank(op, "q", q, 3, "[Tq, Hq, Dh]");
   check_float(op, "q", q);
@@ -243,6 +254,7 @@ void check_varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, c
   check_out(op, "out", out, q.sizes(), q.scalar_type());
   check_same_device(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"cu_seqlens_q", &cu_seqlens_q},
                          {"cu_seqlens_k", &cu_seqlens_k}, {"out", &out}});
+  check_query_positions(op, q, causal, query_positions);
 }
 
 }  // namespace mindskip
@@ -260,8 +272,11 @@ TORCH_LIBRARY(mindskip, m) {
   // block_table given: k_cache/v_cache are pools [num_blocks, block_size, Hkv, Dh] read through it
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
         "float softmax_scale, Tensor(a!) out) -> ()");
+  // query_positions given (causal only): query row t sees its sequence's keys 0..query_positions[t]; trailing
+  // with a default, so calls without it keep their argument order
   m.def("paged_varlen_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
-        "Tensor cache_seqlens, Tensor block_table, bool causal, float softmax_scale, Tensor(a!) out) -> ()");
+        "Tensor cache_seqlens, Tensor block_table, bool causal, float softmax_scale, Tensor(a!) out, "
+        "Tensor? query_positions=None) -> ()");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, "
-        "float softmax_scale, Tensor(a!) out) -> ()");
+        "float softmax_scale, Tensor(a!) out, Tensor? query_positions=None) -> ()");
 }

@@ -32,6 +32,20 @@ def _router(z=None, w=None, gamma=None, mask=None, threshold=0.5, scores=None):
                False, torch.empty(1, 4) if scores is None else scores, _bool(1, 4))
 
 
+def _varlen(query_positions, causal=True):
+    """torch.ops.mindskip.varlen_attention on one valid sequence of 4 tokens with the given positions."""
+    q, cu = torch.randn(4, 2, 8), torch.tensor([0, 4])
+    ops.varlen_attention(q, q, q, cu, cu, causal, 1.0, torch.empty_like(q), query_positions)
+
+
+def _paged_varlen(query_positions, causal=True):
+    """torch.ops.mindskip.paged_varlen_attention on 4 queries of one cached sequence with the given positions."""
+    q, pool = torch.randn(4, 2, 8), torch.randn(2, 4, 2, 8)
+    ops.paged_varlen_attention(q, pool, pool, torch.tensor([0, 4]), torch.tensor([6]),
+                               torch.tensor([[1, 0]], dtype=torch.int32), causal, 1.0, torch.empty_like(q),
+                               query_positions)
+
+
 BAD_CALLS = {
     "router z rank": (lambda: _router(z=torch.randn(4, 8)), ValueError, "z must be 3-D"),
     "router z dtype": (lambda: _router(z=torch.ones(1, 4, 8, dtype=torch.int32)), TypeError, "z must be float16"),
@@ -83,6 +97,15 @@ BAD_CALLS = {
     "varlen k dtype": (lambda: ops.varlen_attention(torch.randn(4, 2, 8), torch.randn(4, 2, 8).double(),
                                                     torch.randn(4, 2, 8), torch.tensor([0, 4]), torch.tensor([0, 4]),
                                                     True, 1.0, torch.empty(4, 2, 8)), TypeError, "k must be Float"),
+    "varlen positions dtype": (lambda: _varlen(torch.arange(4.0)), TypeError, "query_positions must be int32 or int64"),
+    "varlen positions shape": (lambda: _varlen(torch.arange(3)), ValueError, "query_positions must have shape [4]"),
+    "varlen positions causal": (lambda: _varlen(torch.arange(4), causal=False), ValueError, "needs causal=True"),
+    "paged positions dtype": (lambda: _paged_varlen(torch.arange(4.0)), TypeError,
+                              "paged_varlen_attention: query_positions must be int32"),
+    "paged positions shape": (lambda: _paged_varlen(torch.arange(4).view(2, 2)), ValueError,
+                              "query_positions must have shape [4]"),
+    "paged positions causal": (lambda: _paged_varlen(torch.arange(4), causal=False), ValueError,
+                               "paged_varlen_attention: query_positions needs causal=True"),
 }
 
 
@@ -158,6 +181,13 @@ OPCHECK_CASES = {
                                                         torch.randn(2, 9, 2, 16), torch.tensor([3, 9]), None, 0.25,
                                                         torch.empty(2, 4, 16))),
     "compact_counts": lambda: (ops.compact_counts, (random_keep(3, 7, "random"), torch.empty(4, dtype=torch.int32))),
+    "varlen_attention positions": lambda: (ops.varlen_attention, (
+        torch.randn(7, 4, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.tensor([0, 3, 7]),
+        torch.tensor([0, 5, 9]), True, 0.25, torch.empty(7, 4, 16), torch.tensor([4, 0, -1, 3, 1, 2, 9]))),
+    "paged_varlen_attention positions": lambda: (ops.paged_varlen_attention, (
+        torch.randn(5, 4, 16), torch.randn(4, 4, 2, 16), torch.randn(4, 4, 2, 16), torch.tensor([0, 2, 5]),
+        torch.tensor([6, 3]), torch.tensor([[3, 1], [0, 2]], dtype=torch.int32), True, 0.25, torch.empty(5, 4, 16),
+        torch.tensor([5, 1, 2, 0, 7], dtype=torch.int32))),
 }
 
 
@@ -218,6 +248,17 @@ def test_varlen_attention_fp64_int64_offsets():
         got = compiled.varlen_attention(q, k, v, cu, cu, 37, 37, causal, 0.2)
         want = reference.varlen_attention(q, k, v, cu, cu, 37, 37, causal, 0.2)
         torch.testing.assert_close(got, want)
+
+
+def test_query_positions_fp64():
+    """fp64 (a dtype only this kernel and the reference take) with int32 positions in any order: as exact as the
+    reference's."""
+    q, k, v = (torch.randn(n, 4, 24, dtype=torch.float64) for n in (50, 80, 80))
+    cu_q, cu_k = torch.tensor([0, 0, 13, 50]), torch.tensor([0, 3, 10, 80])
+    pos = torch.randint(-2, 75, (50,), dtype=torch.int32)
+    got = compiled.varlen_attention(q, k, v, cu_q, cu_k, 37, 70, True, 0.2, pos)
+    want = reference.varlen_attention(q, k, v, cu_q, cu_k, 37, 70, True, 0.2, pos)
+    torch.testing.assert_close(got, want)
 
 
 # ---- fused RMSNorm paths (router_from_hidden, gather_norm) ----------------------------------------------

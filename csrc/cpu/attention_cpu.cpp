@@ -1,7 +1,8 @@
 // CPU attention kernels: decode (one query per sequence against a ragged KV cache, dense or paged through a
 // block table: a group of query heads sharing one KV head (GQA) attends to the cached rows, fp32/fp64
 // accumulation, parallel over sequences and KV heads) and varlen (packed sequences, optionally causal aligned
-// bottom-right: blocked GEMMs per sequence; keys packed too, or read from a paged pool for chunked prefill).
+// bottom-right or up to a per-query key position: blocked GEMMs per sequence; keys packed too, or read from a
+// paged pool for chunked prefill).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -115,21 +116,27 @@ Tensor checked_offsets(const Tensor& cu, const char* name, int64_t rows, bool ex
 }
 
 // Per sequence and block of kQueryBlock queries: the group's queries of each KV head as one GEMM against the
-// keys the block can see (BLAS through at::bmm, fp32/fp64), masked bottom-right, softmax, GEMM with V. Only
-// real rows are computed (no padding to the longest sequence); scratch is bounded by the query block.
+// keys the block can see (BLAS through at::bmm, fp32/fp64), masked causally, softmax, GEMM with V. Only real
+// rows are computed (no padding to the longest sequence); scratch is bounded by the query block.
 // `key_len(b)` is sequence b's number of keys, `keys(b, n)` its first n key and value rows as [n, Hkv, Dh].
+// Causal is bottom-right, or with `positions` (int64 [Tq], one per packed query row) query row t sees keys
+// 0..positions[t] (clamped to the sequence's keys; negative: none), in any order within the block.
 template <typename KeyLen, typename Keys>
 void varlen_blocks(const Tensor& q, const int64_t* cq, int64_t batch, int64_t hkv, KeyLen key_len, Keys keys,
-                   bool causal, double softmax_scale, Tensor& out) {
+                   bool causal, double softmax_scale, const Tensor& positions, Tensor& out) {
   constexpr int64_t kQueryBlock = 64;  // small enough that causal blocks skip most hidden keys
   const int64_t hq = q.size(1), dh = q.size(2), group = hq / hkv;
   const auto acc_type = at::toOpMathType(q.scalar_type());
+  const int64_t* pos = positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len_q = cq[b + 1] - cq[b], len_k = key_len(b);
     for (int64_t q0 = 0; q0 < len_q; q0 += kQueryBlock) {
       const int64_t nq = std::min(kQueryBlock, len_q - q0);
-      // query i sees keys j <= i + len_k - len_q (bottom-right); the block's last query sees the most
-      const int64_t nk = causal ? std::clamp<int64_t>(q0 + nq + len_k - len_q, 0, len_k) : len_k;
+      // the keys the block's furthest-seeing query sees: bottom-right, query i sees keys j <= i + len_k - len_q
+      // (the block's last query the most), or keys j <= its position
+      const int64_t seen = pos ? std::min(*std::max_element(pos + cq[b] + q0, pos + cq[b] + q0 + nq), len_k) + 1
+                               : q0 + nq + len_k - len_q;
+      const int64_t nk = causal ? std::clamp<int64_t>(seen, 0, len_k) : len_k;
       Tensor dst = out.narrow(0, cq[b] + q0, nq);
       if (nk == 0) {
         dst.zero_();
@@ -143,8 +150,10 @@ void varlen_blocks(const Tensor& q, const int64_t* cq, int64_t batch, int64_t hk
       const Tensor vs = v_rows.to(acc_type).transpose(0, 1);
       Tensor logits = at::bmm(qs, ks.transpose(1, 2)).mul_(softmax_scale);  // [hkv, nq * group, nk]
       if (causal) {
-        const Tensor last = at::arange(nq * group, logits.options().dtype(at::kLong)).div_(group, "floor")
-                                .add_(q0 + len_k - len_q).unsqueeze(1);
+        // the last key each row r sees (keys past it are hidden)
+        const Tensor last = pos ? positions.narrow(0, cq[b] + q0, nq).repeat_interleave(group).unsqueeze(1)
+                                : at::arange(nq * group, logits.options().dtype(at::kLong)).div_(group, "floor")
+                                      .add_(q0 + len_k - len_q).unsqueeze(1);
         const Tensor hidden = at::arange(nk, last.options()).unsqueeze(0).gt(last);  // [nq * group, nk]
         logits.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
       }
@@ -155,24 +164,32 @@ void varlen_blocks(const Tensor& q, const int64_t* cq, int64_t batch, int64_t hk
   }
 }
 
+// The per-query key positions as int64 on the CPU, or an undefined tensor without them.
+Tensor positions_long(const std::optional<Tensor>& query_positions) {
+  return query_positions ? query_positions->to(at::kLong).contiguous() : Tensor();
+}
+
 void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
-                      const Tensor& cu_seqlens_k, bool causal, double softmax_scale, Tensor& out) {
-  check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out);
+                      const Tensor& cu_seqlens_k, bool causal, double softmax_scale, Tensor& out,
+                      const std::optional<Tensor>& query_positions) {
+  check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, out, query_positions);
   const Tensor cuq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", q.size(0), true);
   const Tensor cuk = checked_offsets(cu_seqlens_k, "cu_seqlens_k", k.size(0), false);
   const int64_t* ck = cuk.const_data_ptr<int64_t>();
   varlen_blocks(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1, k.size(1),
                 [&](int64_t b) { return ck[b + 1] - ck[b]; },
                 [&](int64_t b, int64_t n) { return std::pair{k.narrow(0, ck[b], n), v.narrow(0, ck[b], n)}; },
-                causal, softmax_scale, out);
+                causal, softmax_scale, positions_long(query_positions), out);
 }
 
 // Queries packed by cu_seqlens_q; sequence b's keys are rows 0..cache_seqlens[b]-1 of the paged pools (its new
-// tokens' keys already appended), read through the block table; causal aligned bottom-right (chunked prefill).
+// tokens' keys already appended), read through the block table; causal aligned bottom-right (chunked prefill),
+// or up to each query's position.
 void paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cu_seqlens_q,
                             const Tensor& cache_seqlens, const Tensor& block_table, bool causal, double softmax_scale,
-                            Tensor& out) {
-  check_paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, out);
+                            Tensor& out, const std::optional<Tensor>& query_positions) {
+  check_paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, causal, out,
+                               query_positions);
   const Tensor cuq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", q.size(0), true);
   const Tensor lens = cache_seqlens.to(at::kLong).contiguous();
   const Tensor table = block_table.to(at::kLong);
@@ -187,7 +204,7 @@ void paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor
                   const Tensor offset = s.remainder(block_size);  // rows gathered by selection: no copy of others
                   return std::pair{k_cache.index({block, offset}), v_cache.index({block, offset})};
                 },
-                causal, softmax_scale, out);
+                causal, softmax_scale, positions_long(query_positions), out);
 }
 
 }  // namespace

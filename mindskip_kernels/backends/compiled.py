@@ -164,23 +164,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-    if query_positions is not None:
-        raise NotImplementedError("query_positions: kernel pending")
     """CPU only. The kernel reads the sequence lengths from cu_seqlens; the max_seqlen bounds are unused."""
     out = empty(q.shape, q.dtype, q.device)
-    torch.ops.mindskip.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, out)
+    torch.ops.mindskip.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, out,
+                                        query_positions)
     return out
 
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
                            softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-    if query_positions is not None:
-        raise NotImplementedError("query_positions: kernel pending")
     """CPU only. Keys read from the pools through the block table; max_seqlen_q is unused."""
     out = empty(q.shape, q.dtype, q.device)
     torch.ops.mindskip.paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, causal,
-                                              softmax_scale, out)
+                                              softmax_scale, out, query_positions)
     return out
 
 
