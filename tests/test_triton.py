@@ -169,6 +169,34 @@ def test_custom_op_compiles_fullgraph():
     torch.testing.assert_close(compiled(q, k, v), expect)
 
 
+def test_query_positions_compile_fullgraph():
+    """Varlen and paged varlen attention with query positions (the custom ops' optional tensor and its fakes) trace
+    into one graph."""
+    cu = torch.tensor([0, 5, 22], dtype=torch.int32)
+    q, k = torch.randn(22, 4, 32), torch.randn(30, 2, 32)
+    cu_k = torch.tensor([0, 9, 30], dtype=torch.int32)
+    pos = torch.randint(-1, 21, (22,))
+    pool, table = k.view(15, 2, 2, 32), torch.arange(16, dtype=torch.int32).view(2, 8).clamp(max=14)
+
+    def fn(q, k, pos):
+        varlen = tri.varlen_attention(q, k, k, cu, cu_k, 17, 21, True, 0.125, pos)
+        return varlen, tri.paged_varlen_attention(q, pool, pool, cu, torch.tensor([9, 16]), table, 17, True, 0.125, pos)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, pos), fn(q, k, pos), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_query_positions_backward_raises():
+    """Query positions are forward only (the public op refuses grad); a direct backend call that tries a backward
+    through them fails loudly instead of returning causal gradients."""
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    q = torch.randn(6, 2, 16, requires_grad=True)
+    out = tri.varlen_attention(q, q, q, cu, cu, 6, 6, True, 0.25, torch.arange(6))
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+
+
 # --- every kernel builds for sm_90 --------------------------------------------------------------------
 
 def _kernel_names() -> set[str]:
@@ -208,6 +236,10 @@ def _run_every_kernel() -> None:
     tri.decode_attention(q[:2].detach(), cache, cache, torch.tensor([3, 5]), table, 0.1)
     tri.paged_varlen_attention(q[:4].detach(), cache, cache, torch.tensor([0, 3, 4]), torch.tensor([3, 5]), table, 3,
                                True, 0.1)
+    positions = torch.arange(indices.shape[0]) % 7  # the query-position variants (forward only), int64 and int32
+    tri.varlen_attention(q.detach(), kv.detach(), kv.detach(), cu, cu, n, n, True, 0.1, positions)
+    tri.paged_varlen_attention(q[:4].detach(), cache, cache, torch.tensor([0, 3, 4]), torch.tensor([3, 5]), table, 3,
+                               True, 0.1, positions[:4].int())
     for bias in (None, torch.randn(96).to(dt)):
         tri.predicated_linear(x[:, 0], torch.randn(96, d).to(dt), bias, torch.tensor([True, False]))
 
@@ -218,6 +250,8 @@ def test_kernels_build_for_sm90(tmp_path):
     with record_launches() as launches:
         _run_every_kernel()
     assert {launch["kernel"] for launch in launches} == _kernel_names(), "a kernel is not exercised"
+    with_positions = {launch["kernel"].rsplit(".", 1)[1] for launch in launches if launch["constexprs"].get("HAS_QPOS")}
+    assert with_positions == {"_attn_fwd_kernel", "_paged_varlen_kernel"}, "a query-position variant is not built"
     spec = tmp_path / "launches.json"
     spec.write_text(json.dumps(launches))
     env = os.environ | {"TRITON_INTERPRET": "0"}

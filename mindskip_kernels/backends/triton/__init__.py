@@ -72,11 +72,10 @@ def scatter_add(residual2d: torch.Tensor, values: torch.Tensor, indices: torch.T
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-    if query_positions is not None:
-        raise NotImplementedError("query_positions: kernel pending")
-    """Flash attention over packed sequences (bottom-right causal, GQA) -> [Tq, Hq, Dh]."""
-    return attention.VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                               causal, softmax_scale)
+    """Flash attention over packed sequences (bottom-right causal, or up to each query's position; GQA)
+    -> [Tq, Hq, Dh]."""
+    return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                      softmax_scale, query_positions)
 
 
 def keep_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -95,11 +94,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
                            softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-    if query_positions is not None:
-        raise NotImplementedError("query_positions: kernel pending")
-    """Packed queries against paged pools read through the block table (prefill with a cache) -> [Tq, Hq, Dh]."""
+    """Packed queries against paged pools read through the block table (prefill with a cache; causal bottom-right
+    or up to each query's position) -> [Tq, Hq, Dh]."""
     return cache_attention.paged_varlen_op(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
-                                  causal, softmax_scale)
+                                           causal, softmax_scale, query_positions)
 
 
 def predicated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

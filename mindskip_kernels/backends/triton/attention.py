@@ -1,5 +1,6 @@
 """The Triton attention ops' entry points: autograd Functions over the forward kernels (attention_fwd.py) and the
-backward kernels (attention_bwd.py), for packed variable-length and keep-masked causal attention."""
+backward kernels (attention_bwd.py), for packed variable-length and keep-masked causal attention; varlen attention
+with query positions is the forward alone."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ class VarlenAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = varlen_backward_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, causal: bool, softmax_scale: float,
+                     query_positions: Tensor | None) -> Tensor:
+    """`VarlenAttention`, or with query positions the forward custom op alone: that rule is forward only (the
+    public op refuses inputs that need grad), and a backward through it raises (no autograd formula)."""
+    if query_positions is not None:
+        return varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale,
+                                 query_positions)[0]
+    return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                 softmax_scale)
 
 
 class KeepMaskedAttention(torch.autograd.Function):

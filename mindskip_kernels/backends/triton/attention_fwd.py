@@ -1,6 +1,8 @@
 """Flash attention forward: one program per (query block, query head, sequence), online softmax over the key
 blocks in fp32, causal aligned bottom-right, GQA by indexing the shared key/value head (never expanded), head
-dims padded to a power of two with masks. Saves the log-sum-exp for the backward.
+dims padded to a power of two with masks. Saves the log-sum-exp for the backward. With query positions
+(HAS_QPOS, forward only) query row t sees keys 0..qpos[t] instead: the block runs up to its largest position,
+and only the key blocks past its smallest one are masked (per row).
 
 Two layouts share the kernel: packed varlen rows [T, H, Dh] (sequence b owns rows cu[b]:cu[b+1]) and the
 batched SDPA layout [B, H, N, Dh] of keep-masked attention (cu = b*N; each tensor's "skew" adds the batch
@@ -34,11 +36,12 @@ def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, start_n, k_len, diag, offs_m,
-                  offs_d, head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, start_n, k_len, last, offs_d,
+                  head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
                   FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with the keys start_n..start_n+BLOCK_N (log2 domain). MASKED
-    blocks apply key bounds (< k_len) and the causal mask (key <= query + diag); HAS_KEEP the keep flags."""
+    blocks apply key bounds (< k_len) and the causal mask (key <= last [BLOCK_M], each query row's last key);
+    HAS_KEEP the keep flags (the diagonal key, last, always visible)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     kv_ok = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
     k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_k + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -50,16 +53,16 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_
     if MASKED:
         allowed = (cols < k_len)[None, :]
         if IS_CAUSAL:
-            allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+            allowed = allowed & (cols[None, :] <= last[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
     if HAS_KEEP:
         kept = tl.load(keep_base + cols, mask=cols < k_len, other=0) != 0
-        qk = tl.where(kept[None, :] | (cols[None, :] == offs_m[:, None] + diag), qk, float("-inf"))
+        qk = tl.where(kept[None, :] | (cols[None, :] == last[:, None]), qk, float("-inf"))
     return online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m, offs_d,
+def _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, lo, hi, k_len, last, offs_d,
                   head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
                   FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_attend_block` over the key blocks lo..hi. With keep flags, a block off the diagonal (not MASKED)
@@ -69,22 +72,13 @@ def _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_
             cols = start_n + tl.arange(0, BLOCK_N)
             if tl.max(tl.load(keep_base + cols, mask=cols < k_len, other=0), axis=0) != 0:
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v,
-                                              start_n, k_len, diag, offs_m, offs_d, head_dim, qk_scale, MASKED,
-                                              IS_CAUSAL, HAS_KEEP, FIX_BF16, DOT_PREC, BLOCK_N)
+                                              start_n, k_len, last, offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL,
+                                              HAS_KEEP, FIX_BF16, DOT_PREC, BLOCK_N)
         else:
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_k, stride_v, start_n,
-                                          k_len, diag, offs_m, offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL,
-                                          HAS_KEEP, FIX_BF16, DOT_PREC, BLOCK_N)
+                                          k_len, last, offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL, HAS_KEEP,
+                                          FIX_BF16, DOT_PREC, BLOCK_N)
     return acc, l_i, m_i
-
-
-@triton.jit
-def attend_block_range(acc, l_i, m_i, q, k_base, v_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m, offs_d,
-                       head_dim, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, FIX_BF16: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) with keys lo..hi, no keep flags (the decode kernel's loop)."""
-    return _attend_range(acc, l_i, m_i, q, k_base, v_base, k_base, stride_k, stride_v, lo, hi, k_len, diag, offs_m,
-                         offs_d, head_dim, qk_scale, MASKED, IS_CAUSAL, False, FIX_BF16, DOT_PREC, BLOCK_N)
 
 
 @triton.jit
@@ -101,6 +95,18 @@ def causal_block_bounds(start_m, k_len, diag, IS_CAUSAL: tl.constexpr, BLOCK_M: 
     return full, hi
 
 
+@triton.jit
+def position_block_bounds(qpos_ptr, rows, row_ok, k_len, BLOCK_N: tl.constexpr):
+    """(last, full, hi) of a block of queries with key positions: last [BLOCK_M] = each row's position clamped
+    to -1..k_len-1 (padding rows -1), keys 0..full are visible to every row in whole BLOCK_N blocks, keys
+    full..hi need the per-row mask, keys >= hi (past the largest position) are invisible to the block."""
+    qpos = tl.load(qpos_ptr + rows, mask=row_ok, other=-1)
+    last = tl.minimum(tl.maximum(qpos, -1), k_len - 1).to(tl.int32)  # clamped before +1: no overflow
+    hi = tl.max(last, axis=0) + 1
+    full = (tl.min(tl.where(row_ok, last, k_len - 1), axis=0) + 1) // BLOCK_N * BLOCK_N
+    return last, full, hi
+
+
 CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -108,13 +114,13 @@ CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stag
            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3)]
 
 
-@autotune(CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "HAS_KEEP"])
+@autotune(CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "HAS_KEEP", "HAS_QPOS"])
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, stride_qt, stride_qh,
-                     skew_q, stride_kt, stride_kh, skew_k, stride_vt, stride_vh, skew_v, stride_ot, stride_oh, skew_o,
-                     total_q, head_dim, qk_scale, GROUP, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, qpos_ptr, stride_qt,
+                     stride_qh, skew_q, stride_kt, stride_kh, skew_k, stride_vt, stride_vh, skew_v, stride_ot,
+                     stride_oh, skew_o, total_q, head_dim, qk_scale, GROUP, IS_CAUSAL: tl.constexpr,
+                     HAS_KEEP: tl.constexpr, HAS_QPOS: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1).to(tl.int64)  # head * head stride passes 2**31 in a long [B, H, N, Dh] batch
     seq = tl.program_id(2)
@@ -137,18 +143,22 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, ke
     k_base = k_ptr + seq64 * skew_k + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = v_ptr + seq64 * skew_v + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     keep_base = keep_ptr + k_start.to(tl.int64)
-    diag = k_len - q_len
-    full, hi = causal_block_bounds(start_m, k_len, diag, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if HAS_QPOS:
+        last, full, hi = position_block_bounds(qpos_ptr, rows, offs_m < q_len, k_len, BLOCK_N)
+    else:
+        diag = k_len - q_len
+        last = offs_m + diag
+        full, hi = causal_block_bounds(start_m, k_len, diag, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, 0, full, k_len,
-                                  diag, offs_m, offs_d, head_dim, qk_scale, False, IS_CAUSAL, HAS_KEEP, FIX_BF16,
-                                  DOT_PREC, BLOCK_N)
+                                  last, offs_d, head_dim, qk_scale, False, IS_CAUSAL, HAS_KEEP, FIX_BF16, DOT_PREC,
+                                  BLOCK_N)
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kt, stride_vt, full, hi, k_len,
-                                  diag, offs_m, offs_d, head_dim, qk_scale, True, IS_CAUSAL, HAS_KEEP, FIX_BF16,
-                                  DOT_PREC, BLOCK_N)
+                                  last, offs_d, head_dim, qk_scale, True, IS_CAUSAL, HAS_KEEP, FIX_BF16, DOT_PREC,
+                                  BLOCK_N)
     seen = l_i > 0.0  # queries that see no key output zeros and get lse = +inf (zero gradient)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(o_ptr + seq64 * skew_o + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -184,9 +194,11 @@ def batch_offsets(keep: torch.Tensor) -> torch.Tensor:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, causal: bool, softmax_scale: float,
-                      keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      keep: torch.Tensor | None, query_positions: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse [Hq, rows of q] float32 natural-log log-sum-exp of the scaled logits) for packed rows,
-    or for a [B, H, N, Dh] batch with keep flags [B, N] (cu_seqlens = b*N)."""
+    or for a [B, H, N, Dh] batch with keep flags [B, N] (cu_seqlens = b*N). query_positions [rows of q] (packed
+    rows, causal): each query's last key instead of the bottom-right rule."""
     q, k, v = contiguous_last(q, k, v)
     heads, head_dim = q.shape[1], q.shape[-1]
     total_q = q.shape[0] if q.dim() == 3 else q.shape[0] * q.shape[2]
@@ -200,11 +212,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         return triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch
 
     keep_flags = cu_seqlens_q if keep is None else keep.view(torch.uint8)  # never read without HAS_KEEP
-    _attn_fwd_kernel[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, keep_flags, *token_layout(q),
+    qpos = cu_seqlens_q if query_positions is None else query_positions.contiguous()  # read only with HAS_QPOS
+    _attn_fwd_kernel[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, keep_flags, qpos, *token_layout(q),
                            *token_layout(k), *token_layout(v), *token_layout(out), total_q, head_dim,
                            softmax_scale * LOG2E, heads // k.shape[1], IS_CAUSAL=causal, HAS_KEEP=keep is not None,
-                           FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype),
-                           BLOCK_D=head_dim_block(head_dim))
+                           HAS_QPOS=query_positions is not None, FIX_BF16=fix_bf16(q.dtype),
+                           DOT_PREC=dot_precision(q.dtype), BLOCK_D=head_dim_block(head_dim))
     return out, lse
 
 
@@ -212,12 +225,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 @torch.library.custom_op("mindskip_triton::varlen_attention_forward", mutates_args=())
 def varlen_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                      max_seqlen_q: int, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale, None)
+                      max_seqlen_q: int, causal: bool, softmax_scale: float,
+                      query_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale, None,
+                             query_positions)
 
 
 @varlen_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale, query_positions=None):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 

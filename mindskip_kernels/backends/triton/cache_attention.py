@@ -7,8 +7,8 @@ The cache is dense [B, S, Hkv, Dh] or a paged pool [num_blocks, block_size, Hkv,
 an int32 block table (vLLM / flash-attention layout); one kernel body, rows addressed by `_cache_rows`. The
 split count depends on shapes only (no host read of the lengths), and a sequence of length 0 (a skipped
 row of a routed decode step) loads no K/V and gets zeros. `paged_varlen_attention` (prefill with a cache,
-chunked prefill) reads the same pools: packed queries, keys through the block table, causal bottom-right.
-Ends with the custom ops and their fakes.
+chunked prefill) reads the same pools: packed queries, keys through the block table, causal bottom-right or, with
+query positions (HAS_QPOS), each query row up to its own position. Ends with the custom ops and their fakes.
 """
 
 import torch
@@ -22,6 +22,7 @@ from mindskip_kernels.backends.triton.attention_fwd import (
     contiguous_last,
     head_dim_block,
     online_softmax_step,
+    position_block_bounds,
 )
 
 BLOCK_N = 64
@@ -115,13 +116,14 @@ def _decode_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_splits, head_dim, 
 
 
 @triton.jit
-def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, lens_ptr, table_ptr, stride_qt, stride_qh, stride_kb,
-                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb,
-                         block_size, n_blocks, cap, head_dim, qk_scale, GROUP, IS_CAUSAL: tl.constexpr,
-                         FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, lens_ptr, table_ptr, qpos_ptr, stride_qt, stride_qh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
+                         stride_tb, block_size, n_blocks, cap, head_dim, qk_scale, GROUP, IS_CAUSAL: tl.constexpr,
+                         HAS_QPOS: tl.constexpr, FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """BLOCK_M packed queries of one head of one sequence against its keys 0..len-1 in the paged pool (online
-    softmax in fp32, causal aligned bottom-right; a query that sees no key gets zeros)."""
+    softmax in fp32, causal aligned bottom-right, or with HAS_QPOS query row t sees keys 0..qpos[t], the key
+    blocks every row sees whole unmasked; a query that sees no key gets zeros)."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -139,20 +141,32 @@ def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, lens_ptr, table_p
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
     if FIX_BF16:
         q = q.to(tl.float32)
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(k_len, start_m + BLOCK_M + diag), 0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    if HAS_QPOS:
+        last, full, hi = position_block_bounds(qpos_ptr, rows, offs_m < q_len, k_len, BLOCK_N)
+        for start_n in range(0, full, BLOCK_N):  # keys every row of the block sees: no mask
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(k_ptr, v_ptr, table_ptr, stride_tb, seq, kv_head, cols, cols < full, offs_d, head_dim,
+                            block_size, n_blocks, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            True, FIX_BF16)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
+    else:
+        last = offs_m + diag
+        full = 0
+        hi = k_len
+        if IS_CAUSAL:
+            hi = tl.maximum(tl.minimum(k_len, start_m + BLOCK_M + diag), 0)
+    for start_n in range(full, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k, v = _load_kv(k_ptr, v_ptr, table_ptr, stride_tb, seq, kv_head, cols, col_ok, offs_d, head_dim, block_size,
                         n_blocks, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, True, FIX_BF16)
         allowed = col_ok[None, :]
         if IS_CAUSAL:
-            allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+            allowed = allowed & (cols[None, :] <= last[:, None])
         qk = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -203,9 +217,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
-                           softmax_scale: float) -> torch.Tensor:
+                           softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Packed queries q [Tq, Hq, Dh] (cu_seqlens_q) against sequence b's rows 0..cache_seqlens[b]-1 of the
-    pools, read through block_table -> [Tq, Hq, Dh]."""
+    pools, read through block_table -> [Tq, Hq, Dh]; with query_positions [Tq] query t sees rows
+    0..query_positions[t] (causal)."""
     q, k_cache, v_cache = contiguous_last(q, k_cache, v_cache)
     block_table = block_table.contiguous()
     total_q, heads, head_dim = q.shape
@@ -215,26 +230,28 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     cap = block_table.shape[1] * k_cache.shape[1] if k_cache.shape[0] else 0
     block_m = 64
+    qpos = cu_seqlens_q if query_positions is None else query_positions.contiguous()  # read only with HAS_QPOS
     _paged_varlen_kernel[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
-        q, k_cache, v_cache, out, cu_seqlens_q, cache_seqlens, block_table, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, out, cu_seqlens_q, cache_seqlens, block_table, qpos, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0), k_cache.shape[1], k_cache.shape[0],
         cap, head_dim, softmax_scale * LOG2E, heads // k_cache.shape[2], IS_CAUSAL=causal,
-        FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        BLOCK_D=head_dim_block(head_dim), num_warps=4)
+        HAS_QPOS=query_positions is not None, FIX_BF16=fix_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(head_dim), num_warps=4)
     return out
 
 
 @torch.library.custom_op("mindskip_triton::paged_varlen_attention", mutates_args=())
 def paged_varlen_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cache_seqlens: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, causal: bool,
-                    softmax_scale: float) -> torch.Tensor:
+                    softmax_scale: float, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     return paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q,
-                                  causal, softmax_scale)
+                                  causal, softmax_scale, query_positions)
 
 
 @paged_varlen_op.register_fake
-def _(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q, causal, softmax_scale):
+def _(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table, max_seqlen_q, causal, softmax_scale,
+      query_positions=None):
     return torch.empty_like(q)
 
 
