@@ -1,6 +1,6 @@
 """The kernel tests' shared cases: the low precisions every op runs at, the keep patterns, and the varlen
-attention shape tables (forward: ATTN_CASES, backward: ATTN_GRAD_CASES), each (query lengths, key lengths, Hq,
-Hkv, Dh)."""
+attention shape tables (forward: ATTN_CASES, backward: ATTN_GRAD_CASES, with query positions: POSITION_CASES), each
+(query lengths, key lengths, Hq, Hkv, Dh), and the query-position patterns of harness.query_positions."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ ATTN_GRAD_CASES = {
     "empty_sequence": ([0, 33], [0, 33], 2, 2, 96),
     "head_dim_128": ([70], [70], 2, 1, 128),
 }
+
+# kept queries (often fewer than the keys) against every key of their sequence; the CPU kernel's query block is 64,
+# the interpreted Triton kernels' blocks 64 or 128
+POSITION_CASES = {
+    "gqa_9_3_awkward": ([1, 37, 20], [1, 97, 40], 9, 3, 64),
+    "longer_than_blocks": ([150, 3], [300, 5], 4, 2, 64),
+    "head_dim_80_empty": ([0, 5, 0], [0, 33, 7], 4, 4, 80),
+    "no_keys": ([3, 2], [0, 4], 2, 1, 32),
+}
+POSITION_PATTERNS = ["kept", "shuffled", "wild", "bottom_right"]

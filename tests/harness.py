@@ -1,5 +1,6 @@
 """Shared kernel-test harness: the backends under test, random inputs, the tolerance rule of design.md s.4, and
-the checks several kernel test files run (fused norm, gradients, keep-masked attention, paged caches)."""
+the checks several kernel test files run (fused norm, gradients, keep-masked attention, paged caches, query
+positions)."""
 
 from __future__ import annotations
 
@@ -162,3 +163,56 @@ def paged(dense_k: torch.Tensor, dense_v: torch.Tensor, lengths: list[int], bloc
             pools[0][block, :count] = dense_k[b, rows]
             pools[1][block, :count] = dense_v[b, rows]
     return pools[0], pools[1], table
+
+
+# ---- query positions (kv="all": kept queries against every key of their sequence) ----------------------------
+
+
+def query_positions(lengths_q: list[int], lengths_k: list[int], pattern: str) -> torch.Tensor:
+    """Positions int64 [sum(lengths_q)], one per packed query: 'kept' (increasing, a random pick of each sequence's
+    key positions, as kv="all" passes its kept tokens), 'shuffled' (the same in random order), 'wild' (random in
+    -3..Lk+2: negative ones see no key, ones past the end every key) or 'bottom_right' (the last Lq positions,
+    the ordinary causal rule: whole key blocks visible to a block of queries)."""
+    out = []
+    for lq, lk in zip(lengths_q, lengths_k, strict=True):
+        if pattern == "wild":
+            pos = torch.randint(-3, lk + 3, (lq,))
+        elif pattern == "bottom_right":
+            pos = torch.arange(lk - lq, lk)
+        else:
+            pick = torch.randperm(lk)[:lq] if lq <= lk else torch.randint(0, max(lk, 1), (lq,))
+            pos = pick.sort().values
+            if pattern == "shuffled":
+                pos = pos[torch.randperm(lq)]
+        out.append(pos)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                positions: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The independent oracle of query positions, in fp64: per sequence, dense SDPA with a boolean mask built
+    here (query t sees key j iff j <= positions[t]); a query that sees no key gets zeros."""
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(cu_q.numel() - 1):
+        rows_q, rows_k = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        qs, ks, vs = (t.double().transpose(0, 1) for t in (q[rows_q], k[rows_k], v[rows_k]))  # [H, L, Dh]
+        mask = torch.arange(ks.shape[1], device=q.device)[None, :] <= positions[rows_q].long()[:, None]
+        if not mask.any():
+            continue
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                             enable_gqa=True)
+        out[rows_q] = torch.where(mask.any(1)[:, None, None], o.transpose(0, 1), 0.0)
+    return out
+
+
+def bad_query_positions(rows: int) -> dict[str, tuple[dict, bool, type, str]]:
+    """Bad query_positions for an op with `rows` query rows: name -> (kwargs, inputs require grad, exception,
+    message). The public functions raise these before any backend runs."""
+    pos = torch.arange(rows)
+    return {
+        "dtype": (dict(query_positions=pos.float()), False, TypeError, "query_positions must have dtype"),
+        "rank": (dict(query_positions=pos.view(1, rows)), False, ValueError, "query_positions must have 1 dim"),
+        "shape": (dict(query_positions=pos[1:]), False, ValueError, f"query_positions must have shape [{rows}]"),
+        "not causal": (dict(query_positions=pos, causal=False), False, ValueError, "needs causal=True"),
+        "requires grad": (dict(query_positions=pos), True, ValueError, "query_positions is forward only"),
+    }

@@ -6,12 +6,22 @@ itself is exercised. Outputs of kernel backends are poisoned (conftest), so unwr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import mindskip_kernels as mk
-from tests.cases import ATTN_CASES, LOW, PATTERNS
-from tests.harness import assert_within_rule, backend_params, random_keep
+from mindskip_kernels.backends import module
+from tests.cases import ATTN_CASES, LOW, PATTERNS, POSITION_CASES, POSITION_PATTERNS
+from tests.harness import (
+    assert_within_rule,
+    backend_params,
+    bad_query_positions,
+    masked_sdpa,
+    query_positions,
+    random_keep,
+)
 
 BACKENDS = backend_params("cpu")
 SHAPES = [(1, 1, 8), (2, 97, 40), (3, 1025, 64)]  # (B, N, D): N = 1, 97, 1025; D not a power of two
@@ -117,6 +127,70 @@ def test_varlen_attention(backend, dtype, case, causal):
                                 backend="reference")
     assert out.dtype == dtype and out.shape == (q.shape[0], hq, dh)
     assert_within_rule(out, ref, truth, "attention")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(POSITION_CASES))
+@pytest.mark.parametrize("pattern", POSITION_PATTERNS)
+def test_varlen_attention_query_positions(backend, dtype, case, pattern):
+    """Kept queries against every key of their sequence (kv="all"): query t sees keys 0..positions[t], within
+    the tolerance rule of the reference against an fp64 dense SDPA with the mask built in the test; key rows
+    past cu_seqlens_k[-1] are NaN (unused: never read)."""
+    lq, lk, hq, hkv, dh = POSITION_CASES[case]
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, hq, hkv, dh, dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    pos = query_positions(lq, lk, pattern)
+    args = (cu_q, cu_k, max(lq), max(lk))
+    k_nan, v_nan = (torch.cat([t, torch.full((3, hkv, dh), float("nan"), dtype=dtype)]) for t in (k, v))
+    out = mk.varlen_attention(q, k_nan, v_nan, *args, query_positions=pos, backend=backend)
+    low = mk.varlen_attention(q, k, v, *args, query_positions=pos, backend="reference")
+    truth = masked_sdpa(q, k, v, cu_q, cu_k, pos)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_within_rule(out, low, truth, "attention with query positions")
+    fp64 = mk.varlen_attention(q.double(), k.double(), v.double(), *args, query_positions=pos, backend="reference")
+    torch.testing.assert_close(fp64, truth, msg="the fp64 reference differs from the dense SDPA oracle")
+    if pattern == "bottom_right":  # the last Lq positions are the causal rule itself
+        assert torch.equal(out, mk.varlen_attention(q, k, v, *args, backend=backend)), "positions != causal"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_query_positions_extreme_values(backend, pos_dtype):
+    """The dtype's extremes: the most negative sees no key, the largest every key (no overflow in the +1)."""
+    info = torch.iinfo(pos_dtype)
+    q, k, v, cu_q, cu_k = _varlen_inputs([6, 2], [200, 3], 4, 2, 16, torch.float32)
+    pos = torch.tensor([info.max, info.min, 150, -1, 0, info.max - 1, info.min + 1, info.max], dtype=pos_dtype)
+    out = mk.varlen_attention(q, k, v, cu_q, cu_k, 6, 200, query_positions=pos, backend=backend)
+    truth = masked_sdpa(q, k, v, cu_q, cu_k, pos.clamp(-1, 300))
+    low = mk.varlen_attention(q, k, v, cu_q, cu_k, 6, 200, query_positions=pos, backend="reference")
+    assert_within_rule(out, low, truth, "extreme positions")
+    assert torch.equal(out[[1, 3, 6]], torch.zeros_like(out[[1, 3, 6]])), "a negative position sees no key"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_positions_kernels_without_keys_or_queries(backend):
+    """Zero-size inputs in the kernels themselves (called directly: the public op hands them to the reference):
+    queries of a sequence with no keys get zeros, no queries give an empty output."""
+    mod = module(backend)
+    q, k, v = torch.randn(3, 2, 16), torch.randn(0, 1, 16), torch.randn(0, 1, 16)
+    cu_q, cu_k = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
+    out = mod.varlen_attention(q, k, v, cu_q, cu_k, 3, 0, True, 0.25, torch.tensor([0, 1, 2]))
+    assert torch.equal(out, torch.zeros_like(q))
+    k, v = torch.randn(5, 1, 16), torch.randn(5, 1, 16)
+    out = mod.varlen_attention(q[:0], k, v, cu_q * 0, cu_k + torch.tensor([0, 5], dtype=torch.int32), 0, 5, True,
+                               0.25, torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("case", list(bad_query_positions(6)))
+def test_varlen_bad_query_positions_same_error_for_every_backend(backend, case):
+    kwargs, grad, exc, message = bad_query_positions(6)[case]
+    q, k, v = (torch.randn(6, 2, 8, requires_grad=grad) for _ in range(3))
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(exc, match=re.escape(message)):
+        mk.varlen_attention(q, k, v, cu, cu, 4, 4, **kwargs, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,18 +1,29 @@
 """Paged decode and paged varlen attention of every backend against the reference: K/V pools read in place
 through a block table (vLLM / flash-attention layout), ragged lengths, empty caches, block boundaries,
-shuffled tables, GQA, NaN-poisoned unused pool rows and table entries, zero batch, bad inputs."""
+shuffled tables, GQA, NaN-poisoned unused pool rows and table entries, zero batch, bad inputs; paged varlen with
+query positions (kept queries of a chunk against the whole cached sequence)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.backends import resolve
+from mindskip_kernels.backends import module, resolve
 from mindskip_kernels.kv_pool import PagedKVPool, PoolFullError
 from mindskip_kernels.ops import paged_varlen_attention
-from tests.cases import LOW
-from tests.harness import GARBAGE_BLOCK, assert_within_rule, backend_params, paged
+from tests.cases import LOW, POSITION_PATTERNS
+from tests.harness import (
+    GARBAGE_BLOCK,
+    assert_within_rule,
+    backend_params,
+    bad_query_positions,
+    masked_sdpa,
+    paged,
+    query_positions,
+)
 
 BACKENDS = backend_params("cpu")
 
@@ -126,25 +137,82 @@ VARLEN_CASES = {  # new queries per sequence, cache lengths (new tokens included
 }
 
 
+def _paged_case(case: str, dtype: torch.dtype):
+    """(q, k_pool, v_pool, table, cu_q, lens, the same keys and values packed, cu_k) of a VARLEN_CASES case;
+    pool rows past each length are NaN and unused table entries out of range (harness.paged)."""
+    lq, lk, block_size, (hq, hkv), dh = VARLEN_CASES[case]
+    cu_q = torch.tensor([0] + lq).cumsum(0).int()
+    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
+    dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
+    k_pool, v_pool, table = paged(dense_k, dense_v, lk, block_size)
+    k_packed, v_packed = (torch.cat([d[b, :n] for b, n in enumerate(lk)]) for d in (dense_k, dense_v))
+    cu_k = torch.tensor([0] + lk).cumsum(0).int()
+    return q, k_pool, v_pool, table, cu_q, torch.tensor(lk, dtype=torch.int32), k_packed, v_packed, cu_k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", list(VARLEN_CASES))
 @pytest.mark.parametrize("causal", [True, False])
 def test_paged_varlen_matches_reference(backend, dtype, case, causal):
-    lq, lk, block_size, (hq, hkv), dh = VARLEN_CASES[case]
-    batch = len(lq)
-    cu_q = torch.tensor([0] + lq).cumsum(0).int()
-    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
-    dense_k, dense_v = (torch.randn(batch, max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
-    k_pool, v_pool, table = paged(dense_k, dense_v, lk, block_size)
-    lens = torch.tensor(lk, dtype=torch.int32)
+    lq, lk = VARLEN_CASES[case][:2]
+    q, k_pool, v_pool, table, cu_q, lens, k_packed, v_packed, cu_k = _paged_case(case, dtype)
     out = paged_varlen_attention(q, k_pool, v_pool, cu_q, lens, table, max(lq), causal=causal, backend=backend)
     low = paged_varlen_attention(q, k_pool, v_pool, cu_q, lens, table, max(lq), causal=causal, backend="reference")
-    cu_k = torch.tensor([0] + lk).cumsum(0).int()  # the same keys packed: plain varlen attention is the truth
-    k_packed, v_packed = (torch.cat([d[b, :n] for b, n in enumerate(lk)]).double() for d in (dense_k, dense_v))
-    truth = mk.varlen_attention(q.double(), k_packed, v_packed, cu_q, cu_k, max(lq), max(lk), causal=causal,
-                                backend="reference")
+    # the same keys packed: plain varlen attention is the truth
+    truth = mk.varlen_attention(q.double(), k_packed.double(), v_packed.double(), cu_q, cu_k, max(lq), max(lk),
+                                causal=causal, backend="reference")
     assert_within_rule(out, low, truth, "paged varlen")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+@pytest.mark.parametrize("pattern", POSITION_PATTERNS)
+def test_paged_varlen_query_positions(backend, dtype, case, pattern):
+    """Query t sees its sequence's cached rows 0..positions[t]: within the tolerance rule of the reference
+    against an fp64 dense SDPA with the mask built in the test, on the packed copy of the cached keys."""
+    lq, lk = VARLEN_CASES[case][:2]
+    q, k_pool, v_pool, table, cu_q, lens, k_packed, v_packed, cu_k = _paged_case(case, dtype)
+    pos = query_positions(lq, lk, pattern)
+    args = (cu_q, lens, table, max(lq))
+    out = paged_varlen_attention(q, k_pool, v_pool, *args, query_positions=pos, backend=backend)
+    low = paged_varlen_attention(q, k_pool, v_pool, *args, query_positions=pos, backend="reference")
+    truth = masked_sdpa(q, k_packed, v_packed, cu_q, cu_k, pos)
+    assert out.dtype == dtype
+    assert_within_rule(out, low, truth, "paged varlen with query positions")
+    if pattern == "bottom_right":  # the last Lq positions are the causal rule itself
+        causal = paged_varlen_attention(q, k_pool, v_pool, *args, backend=backend)
+        assert torch.equal(out, causal), "positions != causal"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_varlen_query_positions_zero_size(backend):
+    """The kernels themselves (called directly) on no queries, and on a sequence with an empty cache (zeros)."""
+    mod = module(backend)
+    k_pool, v_pool = torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)
+    table = torch.tensor([[2, GARBAGE_BLOCK], [0, 1]], dtype=torch.int32)  # sequence 1: rows 0..5 in blocks 0, 1
+    q = torch.randn(3, 4, 16)
+    pos = torch.tensor([5, 4, 1], dtype=torch.int32)
+    out = mod.paged_varlen_attention(q, k_pool, v_pool, torch.tensor([0, 1, 3]), torch.tensor([0, 6]), table, 2,
+                                     True, 0.25, pos)
+    assert torch.equal(out[0], torch.zeros_like(out[0])), "an empty cache gives zeros"
+    k, v = (pool[:2].reshape(8, 2, 16)[:6] for pool in (k_pool, v_pool))
+    truth = masked_sdpa(q[1:], k, v, torch.tensor([0, 2]), torch.tensor([0, 6]), pos[1:], 0.25)
+    torch.testing.assert_close(out[1:].double(), truth, atol=1e-5, rtol=1e-5)
+    out = mod.paged_varlen_attention(q[:0], k_pool, v_pool, torch.tensor([0, 0, 0]), torch.tensor([0, 6]), table, 0,
+                                     True, 0.25, pos[:0])
+    assert out.shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("case", list(bad_query_positions(4)))
+def test_paged_varlen_bad_query_positions_same_error_for_every_backend(backend, case):
+    kwargs, grad, exc, message = bad_query_positions(4)[case]
+    q, pool = torch.randn(4, 2, 16, requires_grad=grad), torch.randn(3, 4, 2, 16)
+    cu, lens, table = torch.tensor([0, 4]), torch.tensor([4]), torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(exc, match=re.escape(message)):
+        paged_varlen_attention(q, pool, pool, cu, lens, table, 4, **kwargs, backend=backend)
 
 
 def test_paged_varlen_one_query_equals_paged_decode():

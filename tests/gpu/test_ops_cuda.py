@@ -1,6 +1,7 @@
 """Every backend's CUDA kernels against the reference (fp64 truth, the tolerance rule, exact for index work), on
 the awkward sizes of design.md s.4, bf16 included: router, compaction, gather/scatter-add, varlen attention
-forward and decode attention. Skipped without CUDA; an op a backend has no CUDA kernel for is skipped.
+forward (also with query positions) and decode attention. Skipped without CUDA; an op a backend has no CUDA
+kernel for is skipped.
 
 Run with `python -m pytest tests/gpu -x -q` (on its own: then the Triton cases run compiled, see
 tests/gpu/cuda_harness.py); every comparison names what differs.
@@ -13,7 +14,7 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import reference
-from tests.cases import ATTN_CASES, LOW, PATTERNS
+from tests.cases import ATTN_CASES, LOW, PATTERNS, POSITION_CASES, POSITION_PATTERNS
 from tests.gpu.cuda_harness import (
     DEV,
     SHAPES,
@@ -21,7 +22,7 @@ from tests.gpu.cuda_harness import (
     kernels,
     needs_cuda,
 )
-from tests.harness import assert_within_rule, random_keep
+from tests.harness import assert_within_rule, masked_sdpa, query_positions, random_keep
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()
@@ -117,6 +118,30 @@ def test_varlen_attention(backend, dtype, case, causal):
     low = mk.varlen_attention(q, k, v, *args, causal=causal, backend="reference")
     truth = mk.varlen_attention(q.double(), k.double(), v.double(), *args, causal=causal, backend="reference")
     assert_within_rule(out, low, truth, "attention")
+
+
+POSITIONS = POSITION_CASES | {"bf16_hd128_4k_half_kept": ([2048, 1500], [4096, 3000], 16, 4, 128)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", list(POSITIONS))
+@pytest.mark.parametrize("pattern", POSITION_PATTERNS)
+def test_varlen_attention_query_positions(backend, dtype, case, pattern):
+    """Kept queries against every key of their sequence (query t sees keys 0..positions[t]) against an fp64 dense
+    SDPA with the mask built in the test; key rows past cu_seqlens_k[-1] are NaN."""
+    kernels(backend, "varlen_attention", dtype)
+    lq, lk, hq, hkv, dh = POSITIONS[case]
+    cu_q = torch.tensor([0] + lq, device=DEV).cumsum(0).int()
+    cu_k = torch.tensor([0] + lk, device=DEV).cumsum(0).int()
+    pos = query_positions(lq, lk, pattern).to(DEV)
+    q = torch.randn(sum(lq), hq, dh, device=DEV).to(dtype)
+    k, v = (torch.randn(sum(lk), hkv, dh, device=DEV).to(dtype) for _ in range(2))
+    k_nan, v_nan = (torch.cat([t, torch.full((3, hkv, dh), float("nan"), device=DEV, dtype=dtype)]) for t in (k, v))
+    args = (cu_q, cu_k, max(lq), max(lk))
+    out = mk.varlen_attention(q, k_nan, v_nan, *args, query_positions=pos, backend=backend)
+    low = mk.varlen_attention(q, k, v, *args, query_positions=pos, backend="reference")
+    assert_within_rule(out, low, masked_sdpa(q, k, v, cu_q, cu_k, pos), "attention with query positions")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,6 @@
 """Paged decode attention on CUDA (compiled split-K kernel and Triton split-KV kernel) against the reference:
 pools read in place through shuffled block tables, ragged and long caches, block boundaries, GQA, NaN in
-every unused pool row; no host sync.
+every unused pool row; no host sync. Paged varlen attention, also with query positions.
 Skipped without CUDA; the Triton cases run when `pytest tests/gpu` runs on its own (see cuda_harness)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from tests.cases import LOW
+from tests.cases import LOW, POSITION_PATTERNS
 from tests.gpu.cuda_harness import (
     DEV,
     count_syncs,
@@ -17,7 +17,7 @@ from tests.gpu.cuda_harness import (
     kernels,
     needs_cuda,
 )
-from tests.harness import assert_within_rule, paged
+from tests.harness import assert_within_rule, masked_sdpa, paged, query_positions
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 BACKENDS = cuda_backends()
@@ -75,3 +75,27 @@ def test_paged_varlen(backend, dtype, lengths, causal):
     truth = mk.paged_varlen_attention(q.to(DEV).double(), k_pool.double(), v_pool.double(), *args, causal=causal,
                                       backend="reference")
     assert_within_rule(out, low, truth, "paged varlen")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("lengths", [([5, 1, 17], [37, 1, 17]), ([300, 0], [1000, 0]), ([1024, 64], [4096, 130])])
+@pytest.mark.parametrize("pattern", POSITION_PATTERNS)
+def test_paged_varlen_query_positions(backend, dtype, lengths, pattern):
+    """Query t sees its cached rows 0..positions[t]; the truth is an fp64 dense SDPA with the mask built in the
+    test, on the same keys packed."""
+    kernels(backend, "paged_varlen_attention", dtype)
+    lq, lk = lengths
+    hq, hkv, dh = 8, 2, 128
+    cu_q = torch.tensor([0] + lq).cumsum(0).int()
+    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
+    dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
+    k_pool, v_pool, table = (t.to(DEV) for t in paged(dense_k, dense_v, lk, 16))
+    pos = query_positions(lq, lk, pattern).to(DEV)
+    args = (cu_q.to(DEV), torch.tensor(lk, dtype=torch.int32, device=DEV), table, max(lq))
+    out = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, query_positions=pos, backend=backend)
+    low = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, query_positions=pos, backend="reference")
+    k_packed, v_packed = (torch.cat([d[b, :n] for b, n in enumerate(lk)]).to(DEV) for d in (dense_k, dense_v))
+    cu_k = torch.tensor([0] + lk, device=DEV).cumsum(0).int()
+    truth = masked_sdpa(q.to(DEV), k_packed, v_packed, cu_q.to(DEV), cu_k, pos)
+    assert_within_rule(out, low, truth, "paged varlen with query positions")

@@ -105,8 +105,8 @@ def test_mindskip_layer_gradients(dtype, granularity):
 
 @triton_compiled_only
 def test_no_host_sync_on_hot_path():
-    """Router, gather, scatter-add, attention forward + backward and decode never wait for the GPU;
-    compaction waits exactly once (T sizes its outputs)."""
+    """Router, gather, scatter-add, attention forward + backward (and forward with query positions) and decode
+    never wait for the GPU; compaction waits exactly once (T sizes its outputs)."""
     b, n, d, hq, hkv, dh = 2, 512, 1024, 8, 2, 128
     z = torch.randn(b, n, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     w = torch.zeros(1, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
@@ -122,6 +122,7 @@ def test_no_host_sync_on_hot_path():
         scores, _ = tri.router(z, w, mask, 0.5, "token")
         packed = tri.gather(z.reshape(-1, d), indices)
         attn = tri.varlen_attention(q, kv, kv, cu, cu, n, n, True, dh**-0.5)
+        tri.varlen_attention(q.detach(), kv.detach(), kv.detach(), cu, cu, n, n, True, dh**-0.5, positions)
         out = tri.scatter_add(z.detach().reshape(-1, d), packed, indices, scores.reshape(-1)[indices])
         (out.float().sum() + attn.float().sum()).backward()
         tri.decode_attention(q[:b].detach(), cache, cache, torch.full((b,), n, device=DEV), None, dh**-0.5)
