@@ -5,15 +5,18 @@ Keep-masked attention (Router-Tuning's training attention) is timed forward + ba
 compiled FlexAttention with a mask_mod reading the keep flags, SDPA with the materialised [B, 1, N, N] mask,
 and dense causal SDPA (the floor: it ignores the keep flags). The predicated GEMV of a decode row (Triton, CUDA:
 a skipped row reads no weight) is timed with all rows kept and all skipped at an attention layer's q/k/v/o
-projection shapes (Llama-3-8B's on CUDA), batch 1 and 8, against F.linear (cuBLAS).
+projection shapes (Llama-3-8B's on CUDA), batch 1 and 8, against F.linear (cuBLAS). Kept-query attention
+(kv="all": the kept tokens' queries, keep 0.5 and 0.25, against every token's keys through query_positions) is
+timed against dense causal SDPA over all queries (what routing replaces) and on CUDA compiled FlexAttention with
+a block mask built from the positions.
 
     python benchmarks/bench_kernels.py                 # CPU, or CUDA when present; < 1 min on CPU
     python benchmarks/bench_kernels.py --smoke         # tiny sizes, a few seconds (CI)
     python benchmarks/bench_kernels.py --csv benchmarks/results/kernels.csv --plot benchmarks/results/kernels.png
 
 Prints one row per (op, dtype, backend): median time, p20/p80, GB/s on CUDA (bytes an ideal kernel must
-move), and the speedup over the op's baseline measured in the same process: the reference backend, or for
-the predicated GEMV (no reference) F.linear.
+move), and the speedup over the op's baseline measured in the same process: the reference backend, for
+the predicated GEMV (no reference) F.linear, for kept-query attention dense causal SDPA.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Case:
     call: Callable[[object], object]  # backend module -> result
     mode: str = "fwd"                 # what `call` runs: "fwd" or "fwd+bwd"
     baseline: str = "reference"       # the provider the speedup is over
+    providers: dict[str, object] | None = None  # the providers timed (None: every one, where it supports op)
 
 
 def sizes(device: torch.device, smoke: bool) -> dict[str, int]:
@@ -204,6 +208,74 @@ def flex_keep_attention() -> Callable[..., torch.Tensor]:
     return run
 
 
+DENSE_SDPA = "sdpa.causal(all queries)"  # kept-query attention's baseline
+
+
+def kept_query_cases(device: torch.device, dtype: torch.dtype, sz: dict[str, int],
+                     ours: dict[str, object]) -> list[Case]:
+    """Kept-query attention (kv="all"): B sequences of L tokens, the queries of the kept tokens (keep 0.5 and
+    0.25) packed with their positions against the keys of every token (query_positions), timed for our
+    backends `ours` against dense causal SDPA over all L queries and, on CUDA, compiled FlexAttention."""
+    b, n, hq, hkv, dh = sz["B"], sz["L"], sz["Hq"], sz["Hkv"], sz["Dh"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    q_all = torch.randn(b, hq, n, dh, device=device).to(dtype)
+    k_all, v_all = (torch.randn(b, hkv, n, dh, device=device).to(dtype) for _ in range(2))
+    k, v = (t.transpose(1, 2).reshape(b * n, hkv, dh) for t in (k_all, v_all))  # packed keys of every token
+    cu_k = (torch.arange(b + 1, device=device) * n).int()
+
+    def dense(*_: object) -> torch.Tensor:  # every query of every token: what routing the queries replaces
+        return F.scaled_dot_product_attention(q_all, k_all, v_all, is_causal=True, scale=dh**-0.5,
+                                              enable_gqa=hq != hkv)
+
+    out = []
+    for rate in (0.5, 0.25):
+        keep = torch.rand(b, n, device=device) < rate
+        keep[:, 0] = True  # no empty sequence
+        rows = keep.reshape(-1).nonzero().squeeze(1)  # untimed set-up: the routing plan's compaction
+        q = q_all.transpose(1, 2).reshape(b * n, hq, dh).index_select(0, rows)
+        positions = rows % n
+        counts = keep.sum(1)
+        cu_q = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+        max_q = int(counts.max())
+        baselines = {DENSE_SDPA: SimpleNamespace(supports=lambda op, dev, dt: True, varlen_attention=dense)}
+        if device.type == "cuda":
+            baselines["flex.positions(compiled)"] = flex_positions_attention(cu_q, positions, n, q.shape[0], b * n)
+        t = q.shape[0]
+        out.append(Case("varlen_attention", f"kept-query attention keep {rate}", dtype,
+                        f"B{b} L{n} T{t} H{hq}/{hkv} Dh{dh}", (2 * t * hq + 2 * b * n * hkv) * dh * es,
+                        kept_query(q, k, v, cu_q, cu_k, max_q, n, positions), baseline=DENSE_SDPA,
+                        providers=ours | baselines))
+    return out
+
+
+def kept_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+               max_k: int, positions: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    """A backend module -> its varlen attention of the kept queries with their positions."""
+    return lambda m: m.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, q.shape[-1] ** -0.5, positions)
+
+
+def flex_positions_attention(cu_q: torch.Tensor, positions: torch.Tensor, n: int, rows_q: int,
+                             rows_k: int) -> SimpleNamespace:
+    """Compiled FlexAttention over the packed kept queries and all keys as one batch row: query t sees key j iff
+    both are of one sequence and j's position <= positions[t] (the block mask built once, as per routed layer)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    seq_q = torch.searchsorted(cu_q[1:].long(), torch.arange(rows_q, device=cu_q.device), right=True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (seq_q[q_idx] == kv_idx // n) & (kv_idx % n <= positions[q_idx])
+
+    block_mask = create_block_mask(mask_mod, 1, None, rows_q, rows_k, device=cu_q.device)
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, query_positions):
+        out = compiled(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask, scale=scale,
+                       enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1)
+
+    return SimpleNamespace(supports=lambda op, dev, dt: dev.type == "cuda", varlen_attention=run)
+
+
 def norm_router_gather(m: object, x: torch.Tensor, gamma: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
                        idx: torch.Tensor) -> torch.Tensor:
     """Fused when the backend has router_from_hidden/gather_norm, else rms_norm + router + gather."""
@@ -248,17 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     modules |= baselines.available(device)  # external varlen attention libraries, side by side (CUDA)
     modules |= keep_attention_baselines(device)
     modules |= linear_baseline(device)
+    ours = {name: modules[name] for name in providers(device)}
     all_cases = [compaction_case(device, sz)]
     for name in args.dtypes.split(","):
-        all_cases += cases(device, getattr(torch, name), sz)
+        all_cases += cases(device, getattr(torch, name), sz) + kept_query_cases(device, getattr(torch, name), sz, ours)
 
     rows: list[Row] = []
     table: list[list[object]] = []
     dev_name = device_name(device)
     for case in all_cases:
         ref_ms = None
-        for name in sorted(modules, key=lambda name, case=case: name != case.baseline):  # the baseline first
-            mod = modules[name]
+        timed = modules if case.providers is None else case.providers
+        for name in sorted(timed, key=lambda name, case=case: name != case.baseline):  # the baseline first
+            mod = timed[name]
             dtype = torch.float32 if case.dtype == torch.bool else case.dtype
             if not mod.supports(case.op, device, dtype):
                 continue
@@ -283,7 +357,7 @@ def plot(table: list[list[object]], path: str, title: str) -> None:
     """Bar chart of the speedup over the baseline, one bar per (op, dtype, backend)."""
     plt = pyplot()
 
-    bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] not in ("reference", LINEAR)]
+    bars = [(f"{r[0]}\n{r[1]} {r[3]}", r[8]) for r in table if r[3] not in ("reference", LINEAR, DENSE_SDPA)]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars)), 4))
     ax.bar(range(len(bars)), [s for _, s in bars])
     ax.axhline(1.0, color="black", linewidth=0.8)

@@ -53,3 +53,13 @@ def test_varlen_attention(benchmark, data, backend):
     *_, plan, _, q, k = data
     benchmark(mk.varlen_attention, q, k, k, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
               backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_query_attention(benchmark, data, backend):
+    """kv="all": the kept tokens' queries against every token's keys (query_positions)."""
+    _, _, plan, _, q, _ = data
+    k = torch.randn(B * N, HKV, DH, device=DEVICE)
+    cu_k = (torch.arange(B + 1, device=DEVICE) * N).int()
+    benchmark(mk.varlen_attention, q, k, k, plan.cu_seqlens, cu_k, plan.max_seqlen, N,
+              query_positions=plan.positions, backend=backend)
