@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check: build _C with CUDA, run tests/gpu, benchmark the kernels (the predicated GEMV among them),
 # one layer, the 8B model and its CUDA-graph decode on CUDA, print one summary. Sized for < 9 minutes on one
-# H100/H200: the step limits add up to 8.7 min, a normal run takes ~5 (the build, one arch with 16 jobs, is
+# H100/H200: the step limits add up to 9.2 min, a normal run takes ~5 (the build, one arch with 16 jobs, is
 # the longest step).
 #
 #   bash benchmarks/gpu_check.sh            # results (CSV, PNG, logs) in $OUT or benchmarks/results/gpu
@@ -41,7 +41,7 @@ step bench_kernels 60 python benchmarks/bench_kernels.py --device cuda --dtypes 
   --csv "$results/kernels.csv" --plot "$results/kernels.png"
 step bench_layer 50 python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --seq-len 4096 --batch 4 \
   --csv "$results/layer.csv" --plot "$results/layer.png"
-step bench_e2e 50 python benchmarks/bench_e2e.py --model llama3-8b --seq-len 2048 --skip 0.5 --decode-steps 16 --repeats 2 \
+step bench_e2e 80 python benchmarks/bench_e2e.py --model llama3-8b --seq-len 2048 --skip 0.5 --decode-steps 16 --repeats 2 --kv kept all \
   --csv "$results/e2e.csv" --plot "$results/e2e.png"
 # decode tokens/s with whole-step CUDA graphs: dense (HF StaticCache) vs MindSkip (fixed pool), batch 1 and 8
 step bench_decode 60 python benchmarks/bench_graph_decode.py --model llama3-8b --shapes 1x512 8x512 \

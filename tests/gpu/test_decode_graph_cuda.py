@@ -30,13 +30,15 @@ STEPS = 6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize(("granularity", "kv"), [("token", "kept"), ("sequence", "kept"), ("token", "all")])
 @pytest.mark.parametrize("target", ["attention", "block"])  # (the MLP target's attention uses a DynamicLayer)
 @pytest.mark.parametrize("batch", [4, 1])  # batch 1: the projections (and the block's MLP) as predicated GEMVs
-def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, target, batch):
+def test_routed_decode_layer_graph_replay_equals_eager(backend, granularity, kv, target, batch):
+    """kv="all": every row appends its K/V in the captured step, only kept rows attend (skipped rows' q/o
+    projections predicated off at batch 1)."""
     kernels(backend, "paged_decode_attention", torch.float32)
     model = tiny_model("llama").to(DEV)
-    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target)  # prefill: "auto"
+    mk.apply_mindskip(model, layers=[0, 1, 2], granularity=granularity, target=target, kv=kv)  # prefill: "auto"
     torch.manual_seed(4)
     randomize_routers(model, std=4.0)
     ids = torch.randint(1, 97, (batch, 11), device=DEV)
