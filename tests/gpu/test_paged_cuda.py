@@ -57,18 +57,26 @@ def test_paged_decode_never_syncs(backend):
     assert count_syncs(lambda: mk.decode_attention(q, pool, pool, lens, block_table=table, backend=backend)) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("lengths", [([5, 1, 17], [37, 1, 17]), ([300, 0], [1000, 0]), ([64], [64])])
-@pytest.mark.parametrize("causal", [True, False])
-def test_paged_varlen(backend, dtype, lengths, causal):
-    kernels(backend, "paged_varlen_attention", dtype)
+def _paged_inputs(lengths: tuple[list[int], list[int]], dtype: torch.dtype) -> tuple:
+    """(q packed by cu_q, cu_q, the dense K/V [B, S, Hkv, Dh], their paged pools on the GPU and block table) for
+    (query lengths, cache lengths) per sequence."""
     lq, lk = lengths
     hq, hkv, dh = 8, 2, 128
     cu_q = torch.tensor([0] + lq).cumsum(0).int()
     q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
     dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
     k_pool, v_pool, table = (t.to(DEV) for t in paged(dense_k, dense_v, lk, 16))
+    return q, cu_q, dense_k, dense_v, k_pool, v_pool, table
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("lengths", [([5, 1, 17], [37, 1, 17]), ([300, 0], [1000, 0]), ([64], [64])])
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_varlen(backend, dtype, lengths, causal):
+    kernels(backend, "paged_varlen_attention", dtype)
+    q, cu_q, dense_k, dense_v, k_pool, v_pool, table = _paged_inputs(lengths, dtype)
+    lq, lk = lengths
     args = (cu_q.to(DEV), torch.tensor(lk, dtype=torch.int32, device=DEV), table, max(lq))
     out = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, causal=causal, backend=backend)
     low = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, causal=causal, backend="reference")
@@ -85,12 +93,8 @@ def test_paged_varlen_query_positions(backend, dtype, lengths, pattern):
     """Query t sees its cached rows 0..positions[t]; the truth is an fp64 dense SDPA with the mask built in the
     test, on the same keys packed."""
     kernels(backend, "paged_varlen_attention", dtype)
+    q, cu_q, dense_k, dense_v, k_pool, v_pool, table = _paged_inputs(lengths, dtype)
     lq, lk = lengths
-    hq, hkv, dh = 8, 2, 128
-    cu_q = torch.tensor([0] + lq).cumsum(0).int()
-    q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
-    dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
-    k_pool, v_pool, table = (t.to(DEV) for t in paged(dense_k, dense_v, lk, 16))
     pos = query_positions(lq, lk, pattern).to(DEV)
     args = (cu_q.to(DEV), torch.tensor(lk, dtype=torch.int32, device=DEV), table, max(lq))
     out = mk.paged_varlen_attention(q.to(DEV), k_pool, v_pool, *args, query_positions=pos, backend=backend)
