@@ -4,18 +4,32 @@
     mindskip tune --keep 0.75 ...      Router-Tuning, then one threshold calibrated to the keep rate asked for
     mindskip calibrate --keep 0.5 ...  move trained routers to another keep rate, without training
     mindskip export-layers ...         tuned routers -> a static list of attention layers to drop
-    mindskip eval ...                  perplexity, keep rates and speed vs the dense model
+    mindskip eval ...                  perplexity, agreement, keep rates and speed vs the dense model;
+                                       with --tasks, lm-evaluation-harness tasks (vs dense / Attention Drop)
 
 Add a subcommand by writing `_name(args) -> int` and registering it in `build_parser`.
+
+Bad input (a missing or unreadable file, an `--out` of the wrong kind, an unknown task, a missing optional
+dependency) ends a command with one line, `mindskip <command>: error: <message>`, and exit code 2, argparse's
+convention; `--debug` shows the traceback instead. Inputs are checked before the model loads, and outputs are
+written into a temporary path next to `--out` and moved there only when the command succeeds, so a failed
+command leaves no half-written output and never changes the routers it read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 
 import torch
 
@@ -25,6 +39,96 @@ from mindskip_kernels.fitting import CALIBRATION_ITEMS, DEFAULT_METHOD, FINE_TUN
 # `mindskip tune`'s K/V rule (apply_mindskip's default stays the paper's "kept"): "all" loses far less at the same
 # keep rate (README results, docs/tuning.md), for the skipped tokens' K/V projections and no cache saved
 DEFAULT_KV = "all"
+# what a command reports as bad input (one line, exit 2) rather than as a bug (a traceback): ValueError covers
+# UnicodeDecodeError and json.JSONDecodeError, OSError the file errors, ImportError a missing optional dependency
+USER_ERRORS = (ValueError, OSError, ImportError)
+COMPARE = ("dense", "attention-drop")
+DROP_NAMES = {"attention": "attention drop", "mlp": "MLP drop", "block": "block drop"}
+
+
+class _Staged:
+    """Where a command writes its output: `path` is a temporary file or directory next to `out`, moved onto
+    `out` by `commit` (an existing `out` directory keeps the files the command does not write)."""
+
+    def __init__(self, out: str, directory: bool):
+        self.out = os.path.abspath(out)
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.", suffix=".partial", dir=parent)
+        self.directory = directory
+        self.path = self.tmp if directory else os.path.join(self.tmp, os.path.basename(self.out))
+
+    def commit(self) -> None:
+        if not self.directory:
+            os.replace(self.path, self.out)
+        elif not os.path.exists(self.out):
+            os.replace(self.tmp, self.out)
+        else:
+            for name in os.listdir(self.tmp):
+                os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
+
+
+@contextlib.contextmanager
+def _staged(out: str, directory: bool) -> Iterator[str]:
+    """A temporary path to write output `out` into (a directory or a file), moved onto `out` only when the block
+    succeeds; on an error it is removed and `out` is as it was."""
+    staged = _Staged(out, directory)
+    try:
+        yield staged.path
+        staged.commit()
+    finally:
+        shutil.rmtree(staged.tmp, ignore_errors=True)
+
+
+def _check_out(path: str, directory: bool) -> None:
+    """Refuse an --out of the wrong kind before any work."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"--out {path} is an existing file; give a directory (new or existing)")
+    if not directory and os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a directory; give a file name")
+
+
+def _check_exists(path: str, flag: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path} does not exist (expected {what})")
+
+
+def _read_data(path: str, flag: str = "--data") -> list:
+    """The examples of a data file, read before the model loads; errors name the flag and the file."""
+    from mindskip_kernels.data import read_examples
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path} is a directory; give a data file (.json, .jsonl or text)")
+    try:
+        return read_examples(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{flag}: {_message(e)}") from None
+
+
+def _message(error: BaseException) -> str:
+    """An error as one line (an OSError from the system as 'file: reason')."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _load_routers(model, args: argparse.Namespace) -> None:
+    """load_routers of --routers; a malformed metadata file is named."""
+    from mindskip_kernels.integrations.hf import META_FILE, load_routers
+
+    try:
+        load_routers(model, args.routers, backend=args.backend, kv=args.kv)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--routers {args.routers}: {META_FILE} is not valid JSON ({e})") from None
+
+
+def _twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` sharing its parameters and buffers: a new module tree (patching or dropping layers of one
+    leaves the other as it was) without a second copy of the weights."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _version(package: str) -> str:
@@ -94,14 +198,18 @@ def _tune(args: argparse.Namespace) -> int:
     from mindskip_kernels.tuning import distributed, plot_history, write_log
 
     if args.keep is None and args.method != "tune":
-        raise SystemExit(f"--method {args.method} needs a --keep rate (a fitted router's scores have no 0.5 "
+        raise ValueError(f"--method {args.method} needs a --keep rate (a fitted router's scores have no 0.5 "
                          f"meaning); --keep none is for --method tune (the paper's fixed threshold)")
+    layers = _parse_layers(args.layers)
+    _check_out(args.out, directory=True)
+    data = _read_data(args.data)
+    calibration = None if args.calibration_data is None else _read_data(args.calibration_data, "--calibration-data")
     model, tokenizer = _load(args)
-    apply_mindskip(model, layers=_parse_layers(args.layers), threshold=args.threshold,
+    apply_mindskip(model, layers=layers, threshold=args.threshold,
                    granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
                    target=args.target, kv=args.kv)
-    fit, history = fit_then_tune(model, args.data, tokenizer, method=args.method, keep=args.keep,
-                                 calibration=args.calibration_data, calibration_items=args.calibration_items,
+    fit, history = fit_then_tune(model, data, tokenizer, method=args.method, keep=args.keep,
+                                 calibration=calibration, calibration_items=args.calibration_items,
                                  rule=args.rule, steps=args.steps, batch_size=args.batch_size,
                                  grad_accum=args.grad_accum, lr=args.lr, sparsity_weight=args.sparsity_weight,
                                  target_capacity=args.target_capacity, max_length=args.max_length,
@@ -114,12 +222,14 @@ def _tune(args: argparse.Namespace) -> int:
         if fit is not None:
             info["fit"] = {"seconds": fit.seconds, "r2": {str(i): f.r2 for i, f in fit.layers.items()},
                            "samples": {str(i): f.samples for i, f in fit.layers.items()}}
-        save_routers(model, args.out, info)
+        with _staged(args.out, directory=True) as out:
+            save_routers(model, out, info)
+            if history:
+                write_log(history, os.path.join(out, "train_log.csv"))
+                plot_history(history, os.path.join(out, "train_curve.png"))
         threshold = next(iter(mindskip_layers(model).values())).mindskip.threshold
         done = [] if fit is None else [f"fitted {len(fit.layers)} routers in {fit.seconds:.1f} s"]
         if history:
-            write_log(history, os.path.join(args.out, "train_log.csv"))
-            plot_history(history, os.path.join(args.out, "train_curve.png"))
             last = history[-1]
             done.append(f"trained {len(history)} steps on {world} process(es): loss {last['loss']:.4f}, training "
                         f"keep rate {last['keep_rate']:.3f}")
@@ -130,72 +240,170 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from mindskip_kernels.integrations.hf import load_routers, save_routers
+    from mindskip_kernels.integrations.hf import save_routers
     from mindskip_kernels.tuning import calibrate
 
+    _check_exists(args.routers, "--routers", "the directory written by `mindskip tune`, or a state-dict file")
+    _check_out(args.out, directory=True)
+    data = _read_data(args.data)
     model, tokenizer = _load(args)
-    load_routers(model, args.routers, backend=args.backend, kv=args.kv)
-    result = calibrate(model, args.data, args.keep, tokenizer, batch_size=args.batch_size,
+    _load_routers(model, args)
+    result = calibrate(model, data, args.keep, tokenizer, batch_size=args.batch_size,
                        max_length=args.max_length)
-    save_routers(model, args.out, {"calibrated_from": os.fspath(args.routers), "keep": args.keep,
-                                   "calibration_keep": result.keep_rate, "data": os.fspath(args.data)})
+    with _staged(args.out, directory=True) as out:  # --out may be --routers: replaced only now
+        save_routers(model, out, {"calibrated_from": os.fspath(args.routers), "keep": args.keep,
+                                  "calibration_keep": result.keep_rate, "data": os.fspath(args.data)})
     print(f"threshold {result.threshold:.6f} keeps {result.keep_rate:.3f} of routed attention on {args.data} "
           f"(asked {args.keep}); wrote {args.out}")
     return 0
 
 
 def _export_layers(args: argparse.Namespace) -> int:
-    from mindskip_kernels.integrations.hf import load_routers, mindskip_layers
+    from mindskip_kernels.integrations.hf import mindskip_layers
     from mindskip_kernels.layer_drop import layers_to_drop_by_keep_rate
     from mindskip_kernels.tuning import evaluate
 
+    _check_exists(args.routers, "--routers", "the directory written by `mindskip tune`")
+    _check_out(args.out, directory=False)
+    data = _read_data(args.data)
     model, tokenizer = _load(args)
-    load_routers(model, args.routers, backend=args.backend, kv=args.kv)
+    _load_routers(model, args)
     targets = sorted({layer.mindskip.target for layer in mindskip_layers(model).values()})
     if len(targets) != 1:
         raise ValueError(f"export-layers exports the routers of one target; {args.routers} routes {targets}")
-    rates = evaluate(model, args.data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
+    rates = evaluate(model, data, tokenizer, batch_size=args.batch_size, max_length=args.max_length).keep_rates
     drop = layers_to_drop_by_keep_rate(rates, n=args.n, keep=args.keep)
-    with open(args.out, "w") as f:
-        json.dump({"target": targets[0], "drop": drop, "learned_keep_rates": {str(i): r for i, r in rates.items()}},
-                  f, indent=2)
+    _write_json(args.out, {"target": targets[0], "drop": drop,
+                           "learned_keep_rates": {str(i): r for i, r in rates.items()}})
     print(f"drop the {targets[0]} of layers {drop} (learned keep rates "
           + ", ".join(f"{i}: {r:.2f}" for i, r in rates.items()) + f"); wrote {args.out}")
     return 0
 
 
+def _drop_spec(path: str) -> dict:
+    """The JSON of `mindskip export-layers`, checked; errors name the file."""
+    _check_exists(path, "--drop-layers", "the JSON file written by `mindskip export-layers`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--drop-layers {path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--drop-layers {path}: not UTF-8 text ({e.reason})") from None
+    if (not isinstance(spec, dict) or spec.get("target") not in TARGETS or not isinstance(spec.get("drop"), list)
+            or not all(isinstance(i, int) for i in spec["drop"])):
+        raise ValueError(f"--drop-layers {path}: expected the JSON of `mindskip export-layers` "
+                         f"({{'target': one of {TARGETS}, 'drop': [layer indices], ...}})")
+    return spec
+
+
+def _write_json(path: str, value: dict) -> None:
+    with _staged(path, directory=False) as out, open(out, "w") as f:
+        json.dump(value, f, indent=2)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    """Perplexity, keep rates, speed and agreement of the routed (or dropped) model vs dense on --data; with
+    --tasks, the harness's tasks on it and on the --compare models."""
+    from mindskip_kernels.agreement import agreement
     from mindskip_kernels.data import as_items
-    from mindskip_kernels.integrations.hf import load_routers
     from mindskip_kernels.layer_drop import drop_sublayers
     from mindskip_kernels.tuning import evaluate
 
-    if args.drop_layers:  # checked before any work
-        with open(args.drop_layers) as f:
-            spec = json.load(f)
-        if (not isinstance(spec, dict) or spec.get("target") not in TARGETS or not isinstance(spec.get("drop"), list)
-                or not all(isinstance(i, int) for i in spec["drop"])):
-            raise ValueError(f"--drop-layers {args.drop_layers}: expected the JSON of `mindskip export-layers` "
-                             f"({{'target': one of {TARGETS}, 'drop': [layer indices], ...}})")
+    spec = _drop_spec(args.drop_layers) if args.drop_layers else None  # every input checked before any work
+    if args.routers:
+        _check_exists(args.routers, "--routers", "the directory written by `mindskip tune`, or a state-dict file")
+    if args.out:
+        _check_out(args.out, directory=False)
+    if not args.tasks:
+        used = [f for f, v in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
+                               ("--include-path", args.include_path), ("--compare", args.compare)) if v]
+        if used:
+            raise ValueError(f"{', '.join(used)} set the --tasks run: give --tasks too")
+    elif args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if "attention-drop" in args.compare and not args.routers:
+        raise ValueError("--compare attention-drop compares routers with the training-free drop at their keep rate: "
+                         "it needs --routers (a --drop-layers model is already a static drop)")
+    manager = _task_manager(args) if args.tasks else None
+    examples = _read_data(args.data)
     model, tokenizer = _load(args)
-    items = as_items(args.data, tokenizer, args.max_length)
+    items = as_items(examples, tokenizer, args.max_length)
+    routed = _twin(model)
+    if args.routers:
+        _load_routers(routed, args)
+    else:
+        drop_sublayers(routed, spec["drop"], spec["target"])
+    name = "mindskip" if args.routers else "dropped"
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
         evaluate(model, items[: args.batch_size], batch_size=args.batch_size)  # warm-up, untimed
         dense = evaluate(model, items, batch_size=args.batch_size)
-        if args.routers:
-            load_routers(model, args.routers, backend=args.backend, kv=args.kv)
-        else:
-            drop_sublayers(model, spec["drop"], spec["target"])
-        routed = evaluate(model, items, batch_size=args.batch_size)
-    name = "mindskip" if args.routers else "dropped"
-    print(f"{'':10}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}")
-    for label, r in (("dense", dense), (name, routed)):
-        print(f"{label:10}{r.perplexity:12.4f}{r.keep_rate:11.3f}{r.tokens / r.seconds:11.1f}")
-    print(f"speed vs dense: {dense.seconds / routed.seconds:.2f}x ({routed.tokens} tokens)")
-    if routed.keep_rates:
-        print("keep rate per layer: " + ", ".join(f"{i}: {k:.3f}" for i, k in routed.keep_rates.items()))
+        result = evaluate(routed, items, batch_size=args.batch_size)
+        agree = agreement(model, routed, items, batch_size=args.batch_size)
+    print(f"{'':10}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}{'top-1 agree':>13}{'KL':>9}")
+    print(f"{'dense':10}{dense.perplexity:12.4f}{dense.keep_rate:11.3f}{dense.tokens / dense.seconds:11.1f}"
+          f"{'-':>13}{'-':>9}")
+    print(f"{name:10}{result.perplexity:12.4f}{result.keep_rate:11.3f}{result.tokens / result.seconds:11.1f}"
+          f"{agree.top1:13.4f}{agree.kl:9.4f}")
+    print(f"speed vs dense: {dense.seconds / result.seconds:.2f}x ({result.tokens} tokens); agreement with dense on "
+          f"{agree.tokens} label tokens (top-1: same next-token argmax; KL(dense || {name}) in nats per token)")
+    if result.keep_rates:
+        print("keep rate per layer: " + ", ".join(f"{i}: {k:.3f}" for i, k in result.keep_rates.items()))
+    report = {"model": args.model, "routers": args.routers, "drop_layers": args.drop_layers, "data": args.data,
+              "perplexity": {"dense": dense.perplexity, name: result.perplexity},
+              "keep_rate": result.keep_rate, "keep_rates": {str(i): k for i, k in result.keep_rates.items()},
+              "agreement": {"top1": agree.top1, "kl": agree.kl, "tokens": agree.tokens}}
+    if args.tasks:
+        report["tasks"] = _eval_tasks(args, manager, model, routed, name, items, result.keep_rate, tokenizer)
+    if args.out:
+        _write_json(args.out, report)
+        print(f"wrote {args.out}")
     return 0
+
+
+def _task_manager(args: argparse.Namespace):
+    """The harness's task index for --tasks / --include-path, every name checked (before the model loads)."""
+    from mindskip_kernels.downstream import check_tasks, task_manager
+
+    for path in args.include_path:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--include-path {path} is not a directory (expected a folder of lm-eval task "
+                                    f"YAML files)")
+    manager = task_manager(args.include_path, tasks=args.tasks)
+    try:
+        check_tasks(args.tasks, manager)
+    except ValueError as e:
+        raise ValueError(f"--tasks: {e}") from None
+    return manager
+
+
+def _eval_tasks(args: argparse.Namespace, manager, dense, routed, name: str, items, keep: float, tokenizer) -> dict:
+    """--tasks: the harness on the routed model and the --compare models, printed as one table; the report."""
+    from mindskip_kernels.downstream import compare_tasks, task_table
+    from mindskip_kernels.integrations.hf import mindskip_layers
+    from mindskip_kernels.layer_drop import layer_drop
+
+    models = {"dense": dense} if "dense" in args.compare else {}
+    models[name] = routed
+    dropped = None
+    if "attention-drop" in args.compare:  # the training-free drop of the routers' target, at their keep rate
+        layers = mindskip_layers(routed)
+        target = next(iter(layers.values())).mindskip.target
+        models[DROP_NAMES[target]] = drop_model = _twin(dense)
+        dropped = layer_drop(drop_model, items, target=target, keep=keep, layers=sorted(layers),
+                             batch_size=args.batch_size)
+    results = compare_tasks(models, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                            batch_size=args.batch_size, manager=manager,
+                            dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    print(task_table(results, reference="dense" if "dense" in models else None))
+    if dropped is not None:
+        print(f"{DROP_NAMES[target]}: layers {dropped} (the {len(dropped)} of the {len(layers)} routed layers whose "
+              f"{target} changes the residual stream least on --data; routers keep {keep:.3f} there)")
+    return {"names": args.tasks, "num_fewshot": args.num_fewshot, "limit": args.limit,
+            "dropped_layers": dropped,
+            "results": {n: {"metrics": r.metrics, "keep_rate": r.keep_rate, "prefill_seconds": r.seconds}
+                        for n, r in results.items()}}
 
 
 def _add_model(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -286,10 +494,56 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--routers", help="directory written by `mindskip tune`, or a state-dict file")
     what.add_argument("--drop-layers", help="JSON file written by `mindskip export-layers`")
     _add_kv_override(ev)
+    ev.add_argument("--tasks", type=_names, default=None,
+                    help="comma-separated lm-evaluation-harness tasks, groups or tags to run (needs the `eval` extra); "
+                         "offline: the local tasks (tag mindskip_stdlib)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    ev.add_argument("--limit", type=_limit, default=None,
+                    help="documents per task (a number < 1: that fraction of them); default all")
+    ev.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                    help="a folder of extra task YAML files (repeatable; the local tasks are always included)")
+    ev.add_argument("--compare", type=_compare, default=(),
+                    help=f"with --tasks: also run them on these models, comma-separated: {', '.join(COMPARE)} (the "
+                         f"training-free drop of the routers' target at their keep rate on --data)")
+    ev.add_argument("--out", default=None, help="JSON file for every number printed")
     ev.set_defaults(func=_eval)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return parser
 
 
+def _names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names, got {value!r}")
+    return names
+
+
+def _compare(value: str) -> tuple[str, ...]:
+    names = tuple(_names(value))
+    bad = [n for n in names if n not in COMPARE]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}: expected some of {', '.join(COMPARE)}")
+    return names
+
+
+def _limit(value: str) -> int | float:
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = -1.0
+    if not limit > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of documents (or a fraction < 1), got {value!r}")
+    return int(limit) if limit >= 1 and limit.is_integer() else limit
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input ends it with one line on stderr and SystemExit(2) (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"mindskip {args.command}: error: {_message(e)}", file=sys.stderr)
+        raise SystemExit(2) from None

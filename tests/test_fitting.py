@@ -113,7 +113,7 @@ def test_fit_then_tune_hits_the_keep_rate_and_refuses_bad_arguments(tokenizer):
         fit_routers(tiny_model("llama"), [TEXT], tokenizer)
 
 
-def test_cli_fit_writes_routers_that_load_with_the_calibrated_threshold(tmp_path, saved_model):
+def test_cli_fit_writes_routers_that_load_with_the_calibrated_threshold(tmp_path, saved_model, capsys):
     from mindskip_kernels.cli import main
     from mindskip_kernels.integrations.hf import load_model
 
@@ -129,9 +129,10 @@ def test_cli_fit_writes_routers_that_load_with_the_calibrated_threshold(tmp_path
     mk.load_routers(model, out, backend="reference")
     assert {layer.mindskip.threshold for layer in mindskip_layers(model).values()} == {meta["threshold"]}
     assert 0.0 < meta["threshold"] < 0.5, "fitted scores are sigmoid(log u): the threshold sits below 0.5"
-    with pytest.raises(SystemExit, match="needs a --keep"):
+    with pytest.raises(SystemExit, match="2"):  # a usage error: one line on stderr (tests/test_cli_errors.py)
         main(["tune", "--method", "fit", "--model", str(saved_model), "--data", str(data), "--keep", "none",
               "--out", str(tmp_path / "x")])
+    assert "mindskip tune: error: --method fit needs a --keep" in capsys.readouterr().err
 
 
 def test_torchrun_fit_equals_one_process(tmp_path, saved_model):

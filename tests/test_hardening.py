@@ -3,6 +3,8 @@ every backend: the same error for the same bad input, zero-size inputs, and NaN 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -298,8 +300,10 @@ def test_model_folder_without_tokenizer(tmp_path, capsys):
     data.write_text("the fox the dog " * 8)
     args = ["tune", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "out"),
             "--steps", "1", "--layers", "1", "--backend", "reference"]
-    with pytest.raises(ValueError, match=f"{tmp_path / 'model'} has no tokenizer .*--tokenizer"):
+    with pytest.raises(SystemExit, match="2"):  # a usage error: one line on stderr (tests/test_cli_errors.py)
         main(args)
+    assert re.search(f"mindskip tune: error: {re.escape(str(tmp_path / 'model'))} has no tokenizer .*--tokenizer",
+                     capsys.readouterr().err)
     _word_tokenizer().save_pretrained(tmp_path / "tok")
     model, tok = load_model(tmp_path / "model", tokenizer=tmp_path / "tok")
     assert tok("the fox")["input_ids"] == [3, 4] and model.config.vocab_size == 6
