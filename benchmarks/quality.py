@@ -6,8 +6,9 @@
     python benchmarks/quality.py --smoke       # a tiny random Llama on bytes, seconds (CI)
 
 For each requested keep rate (the fraction of the routed layers' attention that runs) and each method, the
-held-out perplexity (mean +- std over seeds), ppl / dense, the keep rate achieved on held-out text, and the
-prefill speed vs dense measured in the same process (interleaved, median). Methods:
+held-out perplexity (mean +- std over seeds), ppl / dense, the top-1 agreement of the next-token predictions with
+the dense model and the mean KL(dense || method) on the same held-out tokens, the keep rate achieved on held-out
+text, and the prefill speed vs dense measured in the same process (interleaved, median). Methods:
 
 - fitted token routers: `fit_routers` (least squares of log ||sub-layer update|| / ||x|| on the router input, from
   the dense model's label pass over --fit-blocks training blocks; no backward), calibrated to each keep rate;
@@ -39,6 +40,7 @@ import copy
 import csv
 import importlib.util
 import itertools
+import math
 import os
 import random
 import statistics
@@ -52,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from benchmarks.oracle import Oracle  # noqa: E402
+from mindskip_kernels.agreement import agreement, twin  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
 from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_then_tune  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
@@ -82,6 +85,11 @@ def label(method: str, target: str) -> str:
     if method == "training-free drop":
         return DROP_NAMES[target]
     return method if target == "attention" else f"{method} ({target})"
+
+
+def static_method(name: str) -> bool:
+    """Whether a row's method drops whole sub-layers (no K/V rule: the same under both)."""
+    return name in DROP_NAMES.values() or any(name.startswith(m) for m in STATIC)
 
 
 def corpus() -> tuple[str, str]:
@@ -199,13 +207,15 @@ def main() -> None:
     def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
                seconds: float = 0.0, kv: str = "-") -> None:
         result = evaluate(model, held, batch_size=8)
+        agree = agreement(base, model, held, batch_size=8, progress=False)
         fast = speed(base, model, timing, args.speed_repeats) if seed == 0 and method != ORACLE else float("nan")
         rows.append({"method": method, "kv": kv, "keep": keep, "seed": seed,
                      "achieved_keep": result.keep_rate if achieved is None else achieved,
                      "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
-                     "speed_vs_dense": fast, "seconds": seconds})
+                     "agreement": agree.top1, "kl": agree.kl, "speed_vs_dense": fast, "seconds": seconds})
         print(f"  {method:24} kv {kv:4} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
-              f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), speed {fast:.2f}x", flush=True)
+              f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), top-1 agreement {agree.top1:.3f}, "
+              f"KL {agree.kl:.4f}, speed {fast:.2f}x", flush=True)
 
     def dropped(layers: list[int], seed: int, name: str, keep: float, target: str) -> None:
         model = drop_sublayers(copy.deepcopy(base), layers, target)
@@ -220,11 +230,12 @@ def main() -> None:
 
     if ORACLE in args.methods and "attention" in args.targets:  # deterministic: one "seed"
         for kv in args.kv:
-            oracle = Oracle(base, layer_ids, kv, args.sink_tokens)
+            routed = twin(base)  # the oracle's hooks on a copy: `base` stays the dense reference
+            oracle = Oracle(routed, layer_ids, kv, args.sink_tokens)
             for keep in args.keeps:
                 achieved = oracle.calibrate(calib[:ORACLE_CALIB_BLOCKS], keep)
                 with oracle.active():
-                    record(ORACLE, keep, 0, base, achieved=achieved, kv=kv)
+                    record(ORACLE, keep, 0, routed, achieved=achieved, kv=kv)
 
     tune_seconds = []
     for seed, target, kv in itertools.product(range(args.first_seed, args.first_seed + args.seeds), args.targets,
@@ -302,7 +313,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     """The table (mean +- std over seeds; speed from seed 0) and the PNG of ppl / dense against keep rate."""
     table, lines = [], {}
     for r in rows:
-        r.setdefault("kv", "kept")  # CSVs written before the K/V rules
+        r.setdefault("kv", "-" if static_method(r["method"]) else "kept")  # CSVs written before the K/V rules
     for target, method, kv in itertools.product(args.targets, args.methods, ("-", *args.kv)):  # no runs: no row
         name = label(method, target)
         for keep in args.keeps:
@@ -315,12 +326,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
             fast = next((r["speed_vs_dense"] for r in group if r["seed"] == 0), float("nan"))
             seconds = statistics.median(float(r.get("seconds", 0.0)) for r in group)
+            # agreement and KL: NaN for the rows of CSVs written before they were measured
+            agree, kl = (statistics.mean(r.get(k, math.nan) for r in group) for k in ("agreement", "kl"))
             table.append([name, kv, f"{keep:.3f}", f"{achieved:.3f}", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
-                          f"{ratio:.3f}", f"{fast:.2f}x", f"{seconds:.0f}" if seconds else "-", len(group)])
+                          f"{ratio:.3f}", f"{agree:.3f}", f"{kl:.4f}", f"{fast:.2f}x",
+                          f"{seconds:.0f}" if seconds else "-", len(group)])
             key = name if kv == "-" else f"{name}, kv={kv}"
             lines.setdefault(target, {}).setdefault(key, []).append((achieved, ratio))
-    headers = ["method", "K/V", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "prefill vs dense",
-               "s to set routers", "seeds"]
+    headers = ["method", "K/V", "keep asked", "keep achieved", "held-out ppl", "ppl / dense", "top-1 agree",
+               "KL(dense ||)", "prefill vs dense", "s to set routers", "seeds"]
     print_table(headers, table)
 
     plt = pyplot()

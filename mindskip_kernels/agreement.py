@@ -8,6 +8,8 @@ dropped) model changes its next-token answer, and how far its whole distribution
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,13 @@ def agreement(reference: nn.Module, model: nn.Module, data: Data, tokenizer=None
     if count == 0:
         raise ValueError("data has no label tokens to compare the models on")
     return Agreement(float(agree) / count, float(kl) / count, count)
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` sharing its parameters and buffers: a new module tree, so patching, dropping or hooking
+    layers of one leaves the other as it was (the dense reference), without a second copy of the weights."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _scored_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import importlib.metadata
-import itertools
 import json
 import os
 import platform
@@ -122,13 +120,6 @@ def _load_routers(model, args: argparse.Namespace) -> None:
         load_routers(model, args.routers, backend=args.backend, kv=args.kv)
     except json.JSONDecodeError as e:
         raise ValueError(f"--routers {args.routers}: {META_FILE} is not valid JSON ({e})") from None
-
-
-def _twin(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` sharing its parameters and buffers: a new module tree (patching or dropping layers of one
-    leaves the other as it was) without a second copy of the weights."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def _version(package: str) -> str:
@@ -305,7 +296,7 @@ def _write_json(path: str, value: dict) -> None:
 def _eval(args: argparse.Namespace) -> int:
     """Perplexity, keep rates, speed and agreement of the routed (or dropped) model vs dense on --data; with
     --tasks, the harness's tasks on it and on the --compare models."""
-    from mindskip_kernels.agreement import agreement
+    from mindskip_kernels.agreement import agreement, twin
     from mindskip_kernels.data import as_items
     from mindskip_kernels.layer_drop import drop_sublayers
     from mindskip_kernels.tuning import evaluate
@@ -329,7 +320,7 @@ def _eval(args: argparse.Namespace) -> int:
     examples = _read_data(args.data)
     model, tokenizer = _load(args)
     items = as_items(examples, tokenizer, args.max_length)
-    routed = _twin(model)
+    routed = twin(model)
     if args.routers:
         _load_routers(routed, args)
     else:
@@ -380,6 +371,7 @@ def _task_manager(args: argparse.Namespace):
 
 def _eval_tasks(args: argparse.Namespace, manager, dense, routed, name: str, items, keep: float, tokenizer) -> dict:
     """--tasks: the harness on the routed model and the --compare models, printed as one table; the report."""
+    from mindskip_kernels.agreement import twin
     from mindskip_kernels.downstream import compare_tasks, task_table
     from mindskip_kernels.integrations.hf import mindskip_layers
     from mindskip_kernels.layer_drop import layer_drop
@@ -390,7 +382,7 @@ def _eval_tasks(args: argparse.Namespace, manager, dense, routed, name: str, ite
     if "attention-drop" in args.compare:  # the training-free drop of the routers' target, at their keep rate
         layers = mindskip_layers(routed)
         target = next(iter(layers.values())).mindskip.target
-        models[DROP_NAMES[target]] = drop_model = _twin(dense)
+        models[DROP_NAMES[target]] = drop_model = twin(dense)
         dropped = layer_drop(drop_model, items, target=target, keep=keep, layers=sorted(layers),
                              batch_size=args.batch_size)
     results = compare_tasks(models, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mindskip_kernels as mk
-from mindskip_kernels.agreement import agreement
+from mindskip_kernels.agreement import agreement, twin
 from mindskip_kernels.data import tokenize_examples
 from mindskip_kernels.layer_drop import drop_sublayers
 from tests.models import RECORDS, TEXT, randomize_routers, tiny_llama
@@ -65,6 +65,17 @@ class TestAgreement:
         model = tiny_llama(len(tokenizer))
         got = agreement(model, model, items, batch_size=2, progress=False)
         assert got.top1 == 1.0 and got.kl == pytest.approx(0.0, abs=1e-7)
+
+    def test_twin_shares_the_weights_not_the_patch(self, tokenizer):
+        """What `mindskip eval` compares: a routed twin of the dense model, which stays dense."""
+        dense = tiny_llama(len(tokenizer))
+        ids = torch.randint(0, len(tokenizer), (2, 12))
+        before = dense(ids).logits
+        routed = mk.apply_mindskip(twin(dense), layers=[1, 2])
+        randomize_routers(routed)
+        assert routed.model.embed_tokens.weight is dense.model.embed_tokens.weight
+        assert not any(hasattr(layer, "mindskip") for layer in dense.model.layers)
+        assert torch.equal(dense(ids).logits, before) and not torch.allclose(routed(ids).logits, before)
 
     def test_data_file_and_bad_arguments(self, tokenizer, tmp_path):
         model = tiny_llama(len(tokenizer))
