@@ -293,29 +293,40 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=2)
 
 
-def _eval(args: argparse.Namespace) -> int:
-    """Perplexity, keep rates, speed and agreement of the routed (or dropped) model vs dense on --data; with
-    --tasks, the harness's tasks on it and on the --compare models."""
-    from mindskip_kernels.agreement import agreement, twin
-    from mindskip_kernels.data import as_items
-    from mindskip_kernels.layer_drop import drop_sublayers
-    from mindskip_kernels.tuning import evaluate
-
-    spec = _drop_spec(args.drop_layers) if args.drop_layers else None  # every input checked before any work
+def _check_eval(args: argparse.Namespace) -> dict | None:
+    """Every input of `mindskip eval` checked before any work; the --drop-layers spec (None with --routers)."""
+    spec = _drop_spec(args.drop_layers) if args.drop_layers else None
     if args.routers:
         _check_exists(args.routers, "--routers", "the directory written by `mindskip tune`, or a state-dict file")
     if args.out:
         _check_out(args.out, directory=False)
     if not args.tasks:
         used = [f for f, v in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
-                               ("--include-path", args.include_path), ("--compare", args.compare)) if v]
+                               ("--include-path", args.include_path)) if v]
         if used:
             raise ValueError(f"{', '.join(used)} set the --tasks run: give --tasks too")
+        if "dense" in args.compare:
+            raise ValueError("--compare dense runs --tasks on the dense model: give --tasks (the perplexity table "
+                             "always has dense)")
     elif args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if "attention-drop" in args.compare and not args.routers:
         raise ValueError("--compare attention-drop compares routers with the training-free drop at their keep rate: "
                          "it needs --routers (a --drop-layers model is already a static drop)")
+    return spec
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Perplexity, keep rate, speed, and top-1 agreement / KL with dense on --data of the routed (or dropped)
+    model and of the --compare attention-drop model; with --tasks, the harness's tasks on them (and on dense
+    with --compare dense)."""
+    from mindskip_kernels.agreement import agreement, twin
+    from mindskip_kernels.data import as_items
+    from mindskip_kernels.integrations.hf import mindskip_layers
+    from mindskip_kernels.layer_drop import drop_sublayers, layer_drop
+    from mindskip_kernels.tuning import evaluate
+
+    spec = _check_eval(args)
     manager = _task_manager(args) if args.tasks else None
     examples = _read_data(args.data)
     model, tokenizer = _load(args)
@@ -325,28 +336,43 @@ def _eval(args: argparse.Namespace) -> int:
         _load_routers(routed, args)
     else:
         drop_sublayers(routed, spec["drop"], spec["target"])
-    name = "mindskip" if args.routers else "dropped"
+    models = {"mindskip" if args.routers else "dropped": routed}
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
         evaluate(model, items[: args.batch_size], batch_size=args.batch_size)  # warm-up, untimed
-        dense = evaluate(model, items, batch_size=args.batch_size)
-        result = evaluate(routed, items, batch_size=args.batch_size)
-        agree = agreement(model, routed, items, batch_size=args.batch_size)
-    print(f"{'':10}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}{'top-1 agree':>13}{'KL':>9}")
-    print(f"{'dense':10}{dense.perplexity:12.4f}{dense.keep_rate:11.3f}{dense.tokens / dense.seconds:11.1f}"
-          f"{'-':>13}{'-':>9}")
-    print(f"{name:10}{result.perplexity:12.4f}{result.keep_rate:11.3f}{result.tokens / result.seconds:11.1f}"
-          f"{agree.top1:13.4f}{agree.kl:9.4f}")
-    print(f"speed vs dense: {dense.seconds / result.seconds:.2f}x ({result.tokens} tokens); agreement with dense on "
-          f"{agree.tokens} label tokens (top-1: same next-token argmax; KL(dense || {name}) in nats per token)")
-    if result.keep_rates:
-        print("keep rate per layer: " + ", ".join(f"{i}: {k:.3f}" for i, k in result.keep_rates.items()))
-    report = {"model": args.model, "routers": args.routers, "drop_layers": args.drop_layers, "data": args.data,
-              "perplexity": {"dense": dense.perplexity, name: result.perplexity},
-              "keep_rate": result.keep_rate, "keep_rates": {str(i): k for i, k in result.keep_rates.items()},
-              "agreement": {"top1": agree.top1, "kl": agree.kl, "tokens": agree.tokens}}
+        results = {"dense": evaluate(model, items, batch_size=args.batch_size)}
+        results.update((n, evaluate(m, items, batch_size=args.batch_size)) for n, m in models.items())
+        report = {"model": args.model, "routers": args.routers, "drop_layers": args.drop_layers, "data": args.data}
+        kept = {n: r.keep_rate for n, r in results.items()}  # of the routed layers' target; a drop's: layers kept
+        if "attention-drop" in args.compare:  # the training-free drop of the routers' target, at their keep rate
+            layers = mindskip_layers(routed)
+            target = next(iter(layers.values())).mindskip.target
+            keep = results["mindskip"].keep_rate
+            models[DROP_NAMES[target]] = dropped = twin(model)
+            report["dropped_layers"] = layer_drop(dropped, items, target=target, keep=keep, layers=sorted(layers),
+                                                  batch_size=args.batch_size)
+            print(f"{DROP_NAMES[target]}: layers {report['dropped_layers']}, the routed layers whose {target} changes "
+                  f"the residual stream least on --data (routers keep {keep:.3f} there)")
+            results[DROP_NAMES[target]] = evaluate(dropped, items, batch_size=args.batch_size)
+            kept[DROP_NAMES[target]] = 1.0 - len(report["dropped_layers"]) / len(layers)
+        agree = {n: agreement(model, m, items, batch_size=args.batch_size) for n, m in models.items()}
+    print(f"{'':16}{'perplexity':>12}{'keep rate':>11}{'tokens/s':>11}{'top-1 agree':>13}{'KL':>9}")
+    for n, r in results.items():
+        a = f"{agree[n].top1:13.4f}{agree[n].kl:9.4f}" if n in agree else f"{'-':>13}{'-':>9}"
+        print(f"{n:16}{r.perplexity:12.4f}{kept[n]:11.3f}{r.tokens / r.seconds:11.1f}{a}")
+    first = next(iter(models))
+    print(f"speed vs dense: {results['dense'].seconds / results[first].seconds:.2f}x ({results[first].tokens} tokens); "
+          f"agreement with dense on {agree[first].tokens} label tokens (top-1: the same next-token argmax; KL(dense "
+          f"|| model) in nats per token)")
+    if results[first].keep_rates:
+        print("keep rate per layer: " + ", ".join(f"{i}: {k:.3f}" for i, k in results[first].keep_rates.items()))
+    report["held_out"] = {n: {"perplexity": r.perplexity, "keep_rate": kept[n],
+                              "keep_rates": {str(i): k for i, k in r.keep_rates.items()},
+                              **({"top1_agreement": agree[n].top1, "kl": agree[n].kl} if n in agree else {})}
+                          for n, r in results.items()}
     if args.tasks:
-        report["tasks"] = _eval_tasks(args, manager, model, routed, name, items, result.keep_rate, tokenizer)
+        report["tasks"] = _eval_tasks(args, manager, {"dense": model, **models} if "dense" in args.compare else models,
+                                      tokenizer)
     if args.out:
         _write_json(args.out, report)
         print(f"wrote {args.out}")
@@ -369,31 +395,15 @@ def _task_manager(args: argparse.Namespace):
     return manager
 
 
-def _eval_tasks(args: argparse.Namespace, manager, dense, routed, name: str, items, keep: float, tokenizer) -> dict:
-    """--tasks: the harness on the routed model and the --compare models, printed as one table; the report."""
-    from mindskip_kernels.agreement import twin
+def _eval_tasks(args: argparse.Namespace, manager, models: dict, tokenizer) -> dict:
+    """--tasks: the harness on each model, printed as one table (deltas against dense when it ran); the report."""
     from mindskip_kernels.downstream import compare_tasks, task_table
-    from mindskip_kernels.integrations.hf import mindskip_layers
-    from mindskip_kernels.layer_drop import layer_drop
 
-    models = {"dense": dense} if "dense" in args.compare else {}
-    models[name] = routed
-    dropped = None
-    if "attention-drop" in args.compare:  # the training-free drop of the routers' target, at their keep rate
-        layers = mindskip_layers(routed)
-        target = next(iter(layers.values())).mindskip.target
-        models[DROP_NAMES[target]] = drop_model = twin(dense)
-        dropped = layer_drop(drop_model, items, target=target, keep=keep, layers=sorted(layers),
-                             batch_size=args.batch_size)
     results = compare_tasks(models, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                             batch_size=args.batch_size, manager=manager,
                             dtype=torch.bfloat16 if args.precision == "bf16" else None)
     print(task_table(results, reference="dense" if "dense" in models else None))
-    if dropped is not None:
-        print(f"{DROP_NAMES[target]}: layers {dropped} (the {len(dropped)} of the {len(layers)} routed layers whose "
-              f"{target} changes the residual stream least on --data; routers keep {keep:.3f} there)")
     return {"names": args.tasks, "num_fewshot": args.num_fewshot, "limit": args.limit,
-            "dropped_layers": dropped,
             "results": {n: {"metrics": r.metrics, "keep_rate": r.keep_rate, "prefill_seconds": r.seconds}
                         for n, r in results.items()}}
 
@@ -495,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", action="append", default=[], metavar="DIR",
                     help="a folder of extra task YAML files (repeatable; the local tasks are always included)")
     ev.add_argument("--compare", type=_compare, default=(),
-                    help=f"with --tasks: also run them on these models, comma-separated: {', '.join(COMPARE)} (the "
-                         f"training-free drop of the routers' target at their keep rate on --data)")
+                    help=f"comma-separated, some of {', '.join(COMPARE)}: attention-drop adds the training-free "
+                         f"drop of the routers' target at their keep rate on --data (perplexity, agreement, --tasks); "
+                         f"dense runs --tasks on the dense model too (deltas against it)")
     ev.add_argument("--out", default=None, help="JSON file for every number printed")
     ev.set_defaults(func=_eval)
     for p in sub.choices.values():

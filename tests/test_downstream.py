@@ -255,9 +255,10 @@ def test_cli_eval_tasks_with_dense_and_attention_drop(tmp_path, saved_model):
     assert "top-1 agree" in proc.stdout and "| stdlib_continuation" in proc.stdout
     assert "attention drop - dense" in proc.stdout and "keep rate (task data)" in proc.stdout
     report = json.loads(out.read_text())
-    assert set(report["tasks"]["results"]) == {"dense", "mindskip", "attention drop"}
-    assert 0.0 <= report["agreement"]["top1"] <= 1.0 and report["agreement"]["kl"] >= 0.0
+    assert set(report["tasks"]["results"]) == set(report["held_out"]) == {"dense", "mindskip", "attention drop"}
+    for name in ("mindskip", "attention drop"):
+        assert 0.0 <= report["held_out"][name]["top1_agreement"] <= 1.0 and report["held_out"][name]["kl"] > 0.0
+    assert len(report["dropped_layers"]) == round(2 * (1 - report["held_out"]["mindskip"]["keep_rate"]))
     drop = report["tasks"]["results"]["attention drop"]
-    assert len(report["tasks"]["dropped_layers"]) == round(2 * (1 - report["keep_rate"]))
     assert set(drop["metrics"]) == {"stdlib_continuation", "stdlib_cloze_gen"} and drop["keep_rate"] is None
 
