@@ -137,7 +137,7 @@ def _info(args: argparse.Namespace) -> int:
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     print(f"mindskip_kernels {mindskip_kernels.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} ({cuda}), "
-          f"triton {_version('triton')}, transformers {_version('transformers')}")
+          f"triton {_version('triton')}, transformers {_version('transformers')}, lm-eval {_version('lm_eval')}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
     print(f"device: {torch.get_num_threads()} CPU threads, GPU {gpu}")
     print("backends: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in available().items()))
@@ -545,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`mindskip info | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -222,7 +222,8 @@ def _metrics(results: dict) -> dict[str, dict[str, float]]:
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, num_fewshot: int | None = None,
-                   limit: int | float | None = None, include_path=None, batch_size: int = 8,
+                   limit: int | float | None = None,
+                   include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None, batch_size: int = 8,
                    max_length: int | None = None, dtype: torch.dtype | None = None, log_samples: bool = False,
                    manager=None) -> TaskResult:
     """Run lm-evaluation-harness `tasks` (names of tasks, groups or tags) on `model` with `tokenizer`.
