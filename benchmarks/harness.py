@@ -75,6 +75,20 @@ def measure(fn: Callable[..., object], device: torch.device, *, warmup: int = 3,
     return percentiles(times)
 
 
+def measure_pair(a: Callable[[], object], b: Callable[[], object], *, warmup: int = 2, repeats: int = 10
+                 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(p50, p20, p80) in ms of two CPU calls timed alternately (a, b, a, b, ...), so that a drifting shared
+    machine slows both alike: for a ratio of the two."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + repeats):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out.append((time.perf_counter() - t0) * 1e3)
+    return percentiles(times[0]), percentiles(times[1])
+
+
 def percentiles(times: list[float]) -> tuple[float, float, float]:
     """(p50, p20, p80) of some times (one time: that time thrice)."""
     if len(times) == 1:

@@ -152,17 +152,14 @@ def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, rows_
         return
     for name, cu, rows, exact, bound in (("cu_seqlens_q", cu_seqlens_q, rows_q, True, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, rows_k, False, max_seqlen_k)):
-        c = cu.long()
-        prev = torch.cat((c.new_zeros(1), c[:-1]))
-        bad = (c < prev).nonzero()
-        if c[0] != 0 or bad.numel():
-            i = int(bad[0, 0]) if c[0] == 0 else 0
-            raise ValueError(f"{name} must be non-decreasing from 0, got {name}[{i}] = {int(c[i])}")
-        last = int(c[-1])
-        if last > rows or (exact and last != rows):
+        c = cu.tolist()  # one host copy of B + 1 ints: ATen ops per check would cost more than the check
+        i = next((i for i in range(len(c)) if c[i] < (c[i - 1] if i else 0) or (i == 0 and c[0] != 0)), None)
+        if i is not None:
+            raise ValueError(f"{name} must be non-decreasing from 0, got {name}[{i}] = {c[i]}")
+        if c[-1] > rows or (exact and c[-1] != rows):
             raise ValueError(f"{name} must end at {'' if exact else 'most '}{rows} (rows of the packed tensor), "
-                             f"got {last}")
-        longest = int((c[1:] - c[:-1]).max()) if c.numel() > 1 else 0
+                             f"got {c[-1]}")
+        longest = max((c[j + 1] - c[j] for j in range(len(c) - 1)), default=0)
         name_max = "max_seqlen_q" if exact else "max_seqlen_k"
         if longest > bound:
             raise ValueError(f"{name_max} must be at least the longest sequence in {name} ({longest}), "

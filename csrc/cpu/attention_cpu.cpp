@@ -1,8 +1,8 @@
 // CPU attention kernels: decode (one query per sequence against a ragged KV cache, dense or paged through a
 // block table: a group of query heads sharing one KV head (GQA) attends to the cached rows, fp32/fp64
 // accumulation, parallel over sequences and KV heads) and varlen (packed sequences, optionally causal aligned
-// bottom-right or up to a per-query key position: blocked GEMMs per sequence; keys packed too, or read from a
-// paged pool for chunked prefill).
+// bottom-right or up to a per-query key position: PyTorch's fused CPU attention per sequence on views of the packed
+// rows; keys packed too, or read from a paged pool for chunked prefill).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -115,51 +115,88 @@ Tensor checked_offsets(const Tensor& cu, const char* name, int64_t rows, bool ex
   return c;
 }
 
-// Per sequence and block of kQueryBlock queries: the group's queries of each KV head as one GEMM against the
-// keys the block can see (BLAS through at::bmm, fp32/fp64), masked causally, softmax, GEMM with V. Only real
-// rows are computed (no padding to the longest sequence); scratch is bounded by the query block.
+// Attention through PyTorch's fused CPU attention (at::_scaled_dot_product_flash_attention_for_cpu, the dense
+// model's SDPA kernel: tiled online softmax, vectorised, GQA without copying K/V, parallel over batch x heads x
+// query blocks, causal blocks above the diagonal skipped). q [B, Lq, Hq, Dh], k/v [B, Lk, Hkv, Dh] are strided
+// views of packed rows (no copy); `mask` (additive, q's dtype, [Lq, Lk]) or `causal` (top-left); the result is
+// written into `dst` [B, Lq, Hq, Dh].
+void fused(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, const std::optional<Tensor>& mask,
+           double scale, Tensor dst) {
+  const Tensor o = std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(
+      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, mask, scale));
+  dst.copy_(o.transpose(1, 2));
+}
+
+// `fused` on one sequence's rows: q [Lq, Hq, Dh], k/v [Lk, Hkv, Dh], dst [Lq, Hq, Dh].
+void fused_rows(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, const std::optional<Tensor>& mask,
+                double scale, const Tensor& dst) {
+  fused(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, mask, scale, dst.unsqueeze(0));
+}
+
+// The additive mask [nq, nk] in `like`'s dtype: row t sees keys 0..last[t] (0), hides the rest (-inf).
+Tensor key_limit_mask(const int64_t* last, int64_t nq, int64_t nk, const Tensor& like) {
+  Tensor mask = at::empty({nq, nk}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "mindskip_key_limit_mask", [&] {
+    scalar_t* m = mask.mutable_data_ptr<scalar_t>();
+    const scalar_t hidden = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t t = 0; t < nq; ++t) {
+      const int64_t seen = std::clamp<int64_t>(last[t] + 1, 0, nk);
+      std::fill(m + t * nk, m + t * nk + seen, scalar_t(0));
+      std::fill(m + t * nk + seen, m + (t + 1) * nk, hidden);
+    }
+  });
+  return mask;
+}
+
+// Per sequence: its queries against its keys by the fused kernel, with no per-block work of ours. Without
+// per-query limits (not causal, or causal with as many queries as keys) one call; otherwise (causal aligned
+// bottom-right with fewer queries than keys, or `positions`: query row t sees keys 0..positions[t], clamped, in
+// any order) the queries go in chunks of kQueryChunk, each against only the keys its furthest-seeing query sees,
+// with a mask where its queries see fewer (so a sparse subset of queries costs about its own share of the causal
+// work, not the whole sequence's). A query that sees no key gets zeros (the kernel's fully-masked rows).
 // `key_len(b)` is sequence b's number of keys, `keys(b, n)` its first n key and value rows as [n, Hkv, Dh].
-// Causal is bottom-right, or with `positions` (int64 [Tq], one per packed query row) query row t sees keys
-// 0..positions[t] (clamped to the sequence's keys; negative: none), in any order within the block.
 template <typename KeyLen, typename Keys>
-void varlen_blocks(const Tensor& q, const int64_t* cq, int64_t batch, int64_t hkv, KeyLen key_len, Keys keys,
-                   bool causal, double softmax_scale, const Tensor& positions, Tensor& out) {
-  constexpr int64_t kQueryBlock = 64;  // small enough that causal blocks skip most hidden keys
-  const int64_t hq = q.size(1), dh = q.size(2), group = hq / hkv;
-  const auto acc_type = at::toOpMathType(q.scalar_type());
+void varlen_fused(const Tensor& q, const int64_t* cq, int64_t batch, KeyLen key_len, Keys keys, bool causal,
+                  double softmax_scale, const Tensor& positions, Tensor& out) {
+  constexpr int64_t kQueryChunk = 64;
   const int64_t* pos = positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr;
+  std::vector<int64_t> last;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len_q = cq[b + 1] - cq[b], len_k = key_len(b);
-    for (int64_t q0 = 0; q0 < len_q; q0 += kQueryBlock) {
-      const int64_t nq = std::min(kQueryBlock, len_q - q0);
-      // the keys the block's furthest-seeing query sees: bottom-right, query i sees keys j <= i + len_k - len_q
-      // (the block's last query the most), or keys j <= its position
-      const int64_t seen = pos ? std::min(*std::max_element(pos + cq[b] + q0, pos + cq[b] + q0 + nq), len_k) + 1
-                               : q0 + nq + len_k - len_q;
-      const int64_t nk = causal ? std::clamp<int64_t>(seen, 0, len_k) : len_k;
-      Tensor dst = out.narrow(0, cq[b] + q0, nq);
-      if (nk == 0) {
-        dst.zero_();
+    if (len_q == 0) continue;
+    Tensor dst = out.narrow(0, cq[b], len_q);
+    const Tensor qb = q.narrow(0, cq[b], len_q);
+    // the last key each query sees (clamped to [-1, len_k - 1])
+    last.resize(len_q);
+    for (int64_t t = 0; t < len_q; ++t) {
+      last[t] = std::clamp<int64_t>(!causal ? len_k - 1 : pos ? pos[cq[b] + t] : t + len_k - len_q, -1, len_k - 1);
+    }
+    bool plain_causal = causal && len_q == len_k;  // query t sees keys 0..t: the kernel's own causal mask
+    for (int64_t t = 0; plain_causal && t < len_q; ++t) plain_causal = last[t] == t;
+    const int64_t needed = *std::max_element(last.begin(), last.end()) + 1;
+    if (needed <= 0) {
+      dst.zero_();
+      continue;
+    }
+    const auto [k_rows, v_rows] = keys(b, needed);
+    const bool full = std::all_of(last.begin(), last.end(), [&](int64_t l) { return l == needed - 1; });
+    if (plain_causal || full) {
+      fused_rows(qb, k_rows, v_rows, plain_causal, std::nullopt, softmax_scale, dst);
+      continue;
+    }
+    for (int64_t q0 = 0; q0 < len_q; q0 += kQueryChunk) {
+      const int64_t nq = std::min(kQueryChunk, len_q - q0);
+      const int64_t* lim = last.data() + q0;
+      const int64_t nk = *std::max_element(lim, lim + nq) + 1;
+      Tensor part = dst.narrow(0, q0, nq);
+      if (nk <= 0) {
+        part.zero_();
         continue;
       }
-      // [hkv, nq * group, dh]: row r is query q0 + r / group, head h * group + r % group
-      const Tensor qs = q.narrow(0, cq[b] + q0, nq).to(acc_type).view({nq, hkv, group, dh}).permute({1, 0, 2, 3})
-                            .reshape({hkv, nq * group, dh});
-      const auto [k_rows, v_rows] = keys(b, nk);
-      const Tensor ks = k_rows.to(acc_type).transpose(0, 1);  // [hkv, nk, dh]
-      const Tensor vs = v_rows.to(acc_type).transpose(0, 1);
-      Tensor logits = at::bmm(qs, ks.transpose(1, 2)).mul_(softmax_scale);  // [hkv, nq * group, nk]
-      if (causal) {
-        // the last key each row r sees (keys past it are hidden)
-        const Tensor last = pos ? positions.narrow(0, cq[b] + q0, nq).repeat_interleave(group).unsqueeze(1)
-                                : at::arange(nq * group, logits.options().dtype(at::kLong)).div_(group, "floor")
-                                      .add_(q0 + len_k - len_q).unsqueeze(1);
-        const Tensor hidden = at::arange(nk, last.options()).unsqueeze(0).gt(last);  // [nq * group, nk]
-        logits.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
-      }
-      const Tensor probs = logits.softmax(-1).nan_to_num_(0.0);  // a query that sees no key -> zeros
-      const Tensor o = at::bmm(probs, vs).view({hkv, nq, group, dh}).permute({1, 0, 2, 3}).reshape({nq, hq, dh});
-      dst.copy_(o);
+      const bool sees_all = std::all_of(lim, lim + nq, [&](int64_t l) { return l == nk - 1; });
+      fused_rows(qb.narrow(0, q0, nq), k_rows.narrow(0, 0, nk), v_rows.narrow(0, 0, nk), false,
+                 sees_all ? std::nullopt : std::optional<Tensor>(key_limit_mask(lim, nq, nk, q)), softmax_scale,
+                 part);
     }
   }
 }
@@ -169,6 +206,20 @@ Tensor positions_long(const std::optional<Tensor>& query_positions) {
   return query_positions ? query_positions->to(at::kLong).contiguous() : Tensor();
 }
 
+// The common length L when every sequence has L queries over its own L keys, both packed back to back from row 0,
+// and each query sees exactly what the fused kernel's own mask shows it (causal: query t keys 0..t, by the
+// bottom-right rule or its position; or every key), else -1: then one fused call covers the whole batch.
+int64_t uniform_length(const int64_t* cq, const int64_t* ck, int64_t batch, bool causal, const int64_t* pos) {
+  const int64_t len = batch ? cq[1] : 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (cq[b] != b * len || ck[b] != b * len || cq[b + 1] != (b + 1) * len || ck[b + 1] != (b + 1) * len) return -1;
+  }
+  for (int64_t t = 0; causal && pos && t < batch * len; ++t) {
+    if (std::clamp<int64_t>(pos[t], -1, len - 1) != t % len) return -1;
+  }
+  return len;
+}
+
 void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
                       const Tensor& cu_seqlens_k, bool causal, double softmax_scale, Tensor& out,
                       const std::optional<Tensor>& query_positions) {
@@ -176,10 +227,19 @@ void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const T
   const Tensor cuq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", q.size(0), true);
   const Tensor cuk = checked_offsets(cu_seqlens_k, "cu_seqlens_k", k.size(0), false);
   const int64_t* ck = cuk.const_data_ptr<int64_t>();
-  varlen_blocks(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1, k.size(1),
-                [&](int64_t b) { return ck[b + 1] - ck[b]; },
-                [&](int64_t b, int64_t n) { return std::pair{k.narrow(0, ck[b], n), v.narrow(0, ck[b], n)}; },
-                causal, softmax_scale, positions_long(query_positions), out);
+  const Tensor positions = positions_long(query_positions);
+  const int64_t batch = cuq.numel() - 1;
+  const int64_t len = uniform_length(cuq.const_data_ptr<int64_t>(), ck, batch, causal,
+                                     positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr);
+  if (len > 0) {  // [B * L, H, Dh] rows as [B, L, H, Dh]: the dense model's one call
+    const auto batched = [&](const Tensor& t) { return t.narrow(0, 0, batch * len).unflatten(0, {batch, len}); };
+    fused(batched(q), batched(k), batched(v), causal, std::nullopt, softmax_scale, batched(out));
+    return;
+  }
+  varlen_fused(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1,
+               [&](int64_t b) { return ck[b + 1] - ck[b]; },
+               [&](int64_t b, int64_t n) { return std::pair{k.narrow(0, ck[b], n), v.narrow(0, ck[b], n)}; },
+               causal, softmax_scale, positions, out);
 }
 
 // Queries packed by cu_seqlens_q; sequence b's keys are rows 0..cache_seqlens[b]-1 of the paged pools (its new
@@ -196,15 +256,15 @@ void paged_varlen_attention(const Tensor& q, const Tensor& k_cache, const Tensor
   const int64_t* lp = lens.const_data_ptr<int64_t>();
   const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1);
   const int64_t cap = blocks == 0 ? 0 : table.size(1) * block_size;
-  varlen_blocks(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1, k_cache.size(2),
-                [&](int64_t b) { return std::clamp<int64_t>(lp[b], 0, cap); },
-                [&](int64_t b, int64_t n) {
-                  const Tensor s = at::arange(n, table.options());
-                  const Tensor block = table[b].index_select(0, s.div(block_size, "floor")).clamp_(0, blocks - 1);
-                  const Tensor offset = s.remainder(block_size);  // rows gathered by selection: no copy of others
-                  return std::pair{k_cache.index({block, offset}), v_cache.index({block, offset})};
-                },
-                causal, softmax_scale, positions_long(query_positions), out);
+  varlen_fused(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1,
+               [&](int64_t b) { return std::clamp<int64_t>(lp[b], 0, cap); },
+               [&](int64_t b, int64_t n) {  // the sequence's rows gathered once, through its block table
+                 const Tensor s = at::arange(n, table.options());
+                 const Tensor block = table[b].index_select(0, s.div(block_size, "floor")).clamp_(0, blocks - 1);
+                 const Tensor offset = s.remainder(block_size);
+                 return std::pair{k_cache.index({block, offset}), v_cache.index({block, offset})};
+               },
+               causal, softmax_scale, positions_long(query_positions), out);
 }
 
 }  // namespace
