@@ -62,6 +62,18 @@ class RoutingPlan:
         indices, cu_seqlens, kept_positions, max_seqlen = compact(keep, positions, backend=backend)
         return cls(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
 
+    @classmethod
+    def all_tokens(cls, batch: int, seq_len: int, position_ids: torch.Tensor | None = None, *,
+                   device: torch.device | str = "cpu") -> RoutingPlan:
+        """The plan that keeps every token of a [B, N] batch with no padding, from the shape alone: the same
+        plan `from_keep` gives for an all-True keep, without compaction or a host read."""
+        device = torch.device(device)
+        positions = _position_ids(position_ids, batch, seq_len, device)
+        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq_len
+        return cls(keep.float(), keep, torch.arange(batch * seq_len, device=device), cu_seqlens,
+                   positions.reshape(-1), seq_len)
+
 
 def _padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int,
                   device: torch.device) -> torch.Tensor:

@@ -130,13 +130,15 @@ class AllKV(KVRule):
         kept), then fn(zp, plan): the kept queries over their sequences' keys up to their own position."""
         attn = layer.self_attn
         batch, seq_len = call.x.shape[:2]
-        real = call.real if call.real is not None else torch.ones(batch, seq_len, dtype=torch.bool,
-                                                                   device=call.x.device)
-        keys = RoutingPlan.from_keep(real, call.position_ids, backend=call.backend)  # every real token
+        if call.real is None:  # every token real: the plan from the shape, no compaction
+            keys = RoutingPlan.all_tokens(batch, seq_len, call.position_ids, device=call.x.device)
+            rank = torch.arange(seq_len, device=call.x.device).repeat(batch)
+        else:
+            keys = RoutingPlan.from_keep(call.real, call.position_ids, backend=call.backend)  # every real token
+            rank = call.real.long().cumsum(1).flatten() - 1  # a token's key row: its rank among its real tokens
         z = layer.input_layernorm(call.x)
         k, v = keys_values(attn, z.flatten(0, 1) if call.real is None else gather(z, keys, backend=call.backend))
         k = apply_rope(k, *token_rope(call.position_embeddings, keys.indices, seq_len, attn.head_dim, k.dtype))
-        rank = real.long().cumsum(1).flatten() - 1  # a token's key row: its rank among its sequence's real tokens
         before = None if call.kv is None else call.kv.append(k, v, keys)
 
         def attend(zp: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
