@@ -29,6 +29,12 @@ def backend_params(device: str = "cpu", *, reference: bool = True, skip: dict[st
     return ([pytest.param("reference")] if reference else []) + params
 
 
+# the backend of the cases of the compiled CPU attention kernel's dispatch paths (cases.DISPATCH_CASES, CHUNK_CASES):
+# the compiled kernel alone (the reference is the baseline of each check; the cases are too many for Triton's
+# interpreter, whose own are ATTN_CASES and POSITION_CASES)
+DISPATCH_BACKENDS = [p for p in backend_params("cpu", reference=False) if p.values == ("compiled",)]
+
+
 def random_keep(batch: int, seq_len: int, pattern: str, device: str = "cpu") -> torch.Tensor:
     """Keep flags [B, N]: 'random' (~half), 'all', 'none', or 'empty_seq' (random, sequence 0 keeps none)."""
     if pattern == "all":
@@ -186,6 +192,63 @@ def query_positions(lengths_q: list[int], lengths_k: list[int], pattern: str) ->
                 pos = pos[torch.randperm(lq)]
         out.append(pos)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def dispatch_positions(lengths_q: list[int], lengths_k: list[int], mode: str
+                       ) -> tuple[bool, torch.Tensor | None, torch.Tensor]:
+    """A cases.DISPATCH_MODES mode as (causal, query_positions or None, the positions masked_sdpa masks with):
+    'causal' (bottom-right), 'not_causal' (every key), 'index' (query t of a sequence at position t),
+    'index_clamped' (the same, each sequence's last query far past the end), 'one_lower' / 'one_higher' (the last
+    sequence's third-last query at its index -1 / +1)."""
+    if mode == "causal":
+        return True, None, query_positions(lengths_q, lengths_k, "bottom_right")
+    if mode == "not_causal":
+        return False, None, torch.full((sum(lengths_q),), max(lengths_k, default=0))
+    pos = torch.cat([torch.arange(n) for n in lengths_q])
+    ends = torch.tensor(lengths_q).cumsum(0)
+    if mode == "index_clamped":
+        pos[[int(e) - 1 for e, n in zip(ends, lengths_q, strict=True) if n]] += 1000
+    elif mode in ("one_lower", "one_higher"):
+        pos[int(ends[-1]) - 3] += -1 if mode == "one_lower" else 1
+    elif mode != "index":
+        raise ValueError(f"unknown mode {mode!r}")
+    return True, pos, pos
+
+
+def chunk_positions(sequences: list[tuple[int, list[tuple[int, str]]]]
+                    ) -> tuple[list[int], list[int], torch.Tensor]:
+    """(query lengths, key lengths, positions) of a cases.CHUNK_CASES case: per sequence its number of keys Lk and
+    its queries' positions run by run: 'index' (query t at t), 'lower' (t - 1), 'ragged' (increasing random from -1:
+    different key counts), 'same' (one random position below Lk - 1 for the run), 'none' (negative: no key), 'all'
+    (Lk - 1 or past it: every key), 'shuffled' (distinct random positions in any order), 'wild' (random in
+    -3..Lk+2)."""
+    lengths_q, lengths_k, out = [], [], []
+    for lk, runs in sequences:
+        t = 0
+        for n, kind in runs:
+            index = torch.arange(t, t + n)
+            if kind in ("index", "lower"):
+                pos = index - int(kind == "lower")
+            elif kind == "ragged":
+                pos = torch.randint(-1, lk, (n,)).sort().values
+                pos[0] = -1
+            elif kind == "same":
+                pos = torch.full((n,), int(torch.randint(0, lk - 1, ())))
+            elif kind == "none":
+                pos = torch.randint(-5, 0, (n,))
+            elif kind == "all":
+                pos = torch.randint(lk - 1, lk + 5, (n,))
+            elif kind == "shuffled":
+                pos = torch.randperm(lk)[:n]
+            elif kind == "wild":
+                pos = torch.randint(-3, lk + 3, (n,))
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+            out.append(pos)
+            t += n
+        lengths_q.append(t)
+        lengths_k.append(lk)
+    return lengths_q, lengths_k, torch.cat(out)
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,

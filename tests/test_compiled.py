@@ -184,6 +184,9 @@ OPCHECK_CASES = {
     "varlen_attention positions": lambda: (ops.varlen_attention, (
         torch.randn(7, 4, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.tensor([0, 3, 7]),
         torch.tensor([0, 5, 9]), True, 0.25, torch.empty(7, 4, 16), torch.tensor([4, 0, -1, 3, 1, 2, 9]))),
+    "varlen_attention batched": lambda: (ops.varlen_attention, (  # equal lengths, positions == index once clamped
+        torch.randn(8, 4, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16), torch.tensor([0, 4, 8]),
+        torch.tensor([0, 4, 8]), True, 0.25, torch.empty(8, 4, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 9]))),
     "paged_varlen_attention positions": lambda: (ops.paged_varlen_attention, (
         torch.randn(5, 4, 16), torch.randn(4, 4, 2, 16), torch.randn(4, 4, 2, 16), torch.tensor([0, 2, 5]),
         torch.tensor([6, 3]), torch.tensor([[3, 1], [0, 2]], dtype=torch.int32), True, 0.25, torch.empty(5, 4, 16),

@@ -13,11 +13,24 @@ import torch
 
 import mindskip_kernels as mk
 from mindskip_kernels.backends import module
-from tests.cases import ATTN_CASES, LOW, PATTERNS, POSITION_CASES, POSITION_PATTERNS
+from tests.cases import (
+    ATTN_CASES,
+    CHUNK_CASES,
+    DISPATCH_CASES,
+    DISPATCH_HEADS,
+    DISPATCH_MODES,
+    LOW,
+    PATTERNS,
+    POSITION_CASES,
+    POSITION_PATTERNS,
+)
 from tests.harness import (
+    DISPATCH_BACKENDS,
     assert_within_rule,
     backend_params,
     bad_query_positions,
+    chunk_positions,
+    dispatch_positions,
     masked_sdpa,
     query_positions,
     random_keep,
@@ -152,6 +165,50 @@ def test_varlen_attention_query_positions(backend, dtype, case, pattern):
     torch.testing.assert_close(fp64, truth, msg="the fp64 reference differs from the dense SDPA oracle")
     if pattern == "bottom_right":  # the last Lq positions are the causal rule itself
         assert torch.equal(out, mk.varlen_attention(q, k, v, *args, backend=backend)), "positions != causal"
+
+
+def _check_varlen_paths(backend, dtype, lq, lk, causal, pos, seen):
+    """varlen_attention at `dtype` (key rows past cu_seqlens_k[-1] NaN: never read) within the tolerance rule of
+    the reference against the fp64 dense-SDPA oracle masked by `seen`; a query that sees no key gets exactly
+    zeros; the fp64 reference agrees with the oracle (the case means what the oracle masks)."""
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, *DISPATCH_HEADS, dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    args = (cu_q, cu_k, max(lq), max(lk))
+    k_nan, v_nan = (torch.cat([t, torch.full((3, *t.shape[1:]), float("nan"), dtype=dtype)]) for t in (k, v))
+    out = mk.varlen_attention(q, k_nan, v_nan, *args, causal=causal, query_positions=pos, backend=backend)
+    low = mk.varlen_attention(q, k, v, *args, causal=causal, query_positions=pos, backend="reference")
+    truth = masked_sdpa(q, k, v, cu_q, cu_k, seen)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_within_rule(out, low, truth, "attention")
+    blind = (seen < 0) | (torch.tensor(lk).repeat_interleave(torch.tensor(lq)) == 0)
+    assert torch.equal(out[blind], torch.zeros_like(out[blind])), "a query that sees no key gets zeros"
+    fp64 = mk.varlen_attention(q.double(), k.double(), v.double(), *args, causal=causal, query_positions=pos,
+                               backend="reference")
+    torch.testing.assert_close(fp64, truth, msg="the fp64 reference differs from the dense SDPA oracle")
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+@pytest.mark.parametrize("dtype", [*LOW, torch.float64])
+@pytest.mark.parametrize("case", list(DISPATCH_CASES))
+@pytest.mark.parametrize("mode", DISPATCH_MODES)
+def test_varlen_attention_dispatch(backend, dtype, case, mode):
+    """Back-to-back sequences of one length with keys == queries, causal or not, or with positions == each
+    query's index (also clamped past the end): the compiled kernel's one batched call; the same with one position
+    off by one, keys longer or shorter than the queries, or an empty sequence in the middle: refused, per
+    sequence (one causal call, one unmasked call, zeros) or in chunks of 64 queries (tests/cases.py)."""
+    lq, lk = DISPATCH_CASES[case]
+    _check_varlen_paths(backend, dtype, lq, lk, *dispatch_positions(lq, lk, mode))
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+@pytest.mark.parametrize("dtype", [*LOW, torch.float64])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_varlen_attention_query_chunks(backend, dtype, case):
+    """Kept queries in chunks of 64 (the compiled kernel's): chunks whose queries see different numbers of keys
+    (masked), the same number (unmasked), none (zeros), whole sequences that see nothing, the same keys (one
+    unmasked call) or keys 0..t (one causal call), positions shuffled across the chunks' boundaries."""
+    lq, lk, pos = chunk_positions(CHUNK_CASES[case])
+    _check_varlen_paths(backend, dtype, lq, lk, True, pos, pos)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

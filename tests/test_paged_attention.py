@@ -14,12 +14,15 @@ import mindskip_kernels as mk
 from mindskip_kernels.backends import module, resolve
 from mindskip_kernels.kv_pool import PagedKVPool, PoolFullError
 from mindskip_kernels.ops import paged_varlen_attention
-from tests.cases import LOW, POSITION_PATTERNS
+from tests.cases import CHUNK_CASES, DISPATCH_CASES, DISPATCH_HEADS, DISPATCH_MODES, LOW, POSITION_PATTERNS
 from tests.harness import (
+    DISPATCH_BACKENDS,
     GARBAGE_BLOCK,
     assert_within_rule,
     backend_params,
     bad_query_positions,
+    chunk_positions,
+    dispatch_positions,
     masked_sdpa,
     paged,
     query_positions,
@@ -141,6 +144,11 @@ def _paged_case(case: str, dtype: torch.dtype):
     """(q, k_pool, v_pool, table, cu_q, lens, the same keys and values packed, cu_k) of a VARLEN_CASES case;
     pool rows past each length are NaN and unused table entries out of range (harness.paged)."""
     lq, lk, block_size, (hq, hkv), dh = VARLEN_CASES[case]
+    return _paged_inputs(lq, lk, block_size, hq, hkv, dh, dtype)
+
+
+def _paged_inputs(lq: list[int], lk: list[int], block_size: int, hq: int, hkv: int, dh: int, dtype: torch.dtype):
+    """`_paged_case` of given query lengths, cache lengths, block size and heads."""
     cu_q = torch.tensor([0] + lq).cumsum(0).int()
     q = torch.randn(int(cu_q[-1]), hq, dh).to(dtype)
     dense_k, dense_v = (torch.randn(len(lk), max(lk) + 1, hkv, dh).to(dtype) for _ in range(2))
@@ -184,6 +192,44 @@ def test_paged_varlen_query_positions(backend, dtype, case, pattern):
     if pattern == "bottom_right":  # the last Lq positions are the causal rule itself
         causal = paged_varlen_attention(q, k_pool, v_pool, *args, backend=backend)
         assert torch.equal(out, causal), "positions != causal"
+
+
+def _check_paged_paths(backend, dtype, lq, lk, causal, pos, seen):
+    """paged_varlen_attention at `dtype` (block size 16, pool rows past each length NaN) within the tolerance rule
+    of the reference against the fp64 dense-SDPA oracle (masked by `seen`) on the packed copy of the cached keys;
+    a query that sees no key gets exactly zeros."""
+    q, k_pool, v_pool, table, cu_q, lens, k_packed, v_packed, cu_k = _paged_inputs(lq, lk, 16, *DISPATCH_HEADS,
+                                                                                   dtype)
+    args = (cu_q, lens, table, max(lq))
+    out = paged_varlen_attention(q, k_pool, v_pool, *args, causal=causal, query_positions=pos, backend=backend)
+    low = paged_varlen_attention(q, k_pool, v_pool, *args, causal=causal, query_positions=pos, backend="reference")
+    truth = masked_sdpa(q, k_packed, v_packed, cu_q, cu_k, seen)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_within_rule(out, low, truth, "paged varlen")
+    blind = (seen < 0) | (lens.long().repeat_interleave(torch.tensor(lq)) == 0)
+    assert torch.equal(out[blind], torch.zeros_like(out[blind])), "a query that sees no key gets zeros"
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # every dtype: test_kernels.py's dispatch cases
+@pytest.mark.parametrize("case", list(DISPATCH_CASES))
+@pytest.mark.parametrize("mode", DISPATCH_MODES)
+def test_paged_varlen_dispatch(backend, dtype, case, mode):
+    """The compiled kernel's per-sequence paths through a block table: one causal call (as many queries as cached
+    keys, query t sees 0..t), one unmasked call, zeros (an empty cache, no visible key), chunks of 64 queries (a
+    position off by one, more keys than queries): the varlen dispatch cases of tests/cases.py."""
+    lq, lk = DISPATCH_CASES[case]
+    _check_paged_paths(backend, dtype, lq, lk, *dispatch_positions(lq, lk, mode))
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+@pytest.mark.parametrize("dtype", [*LOW, torch.float64])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_paged_varlen_query_chunks(backend, dtype, case):
+    """Kept queries of a chunk in chunks of 64 against the cached sequence: masked, unmasked and zero chunks,
+    sequences that see nothing, every cached key, or keys 0..t, positions shuffled across the chunks' boundaries."""
+    lq, lk, pos = chunk_positions(CHUNK_CASES[case])
+    _check_paged_paths(backend, dtype, lq, lk, True, pos, pos)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
