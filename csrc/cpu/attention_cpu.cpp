@@ -31,46 +31,69 @@ struct Rows {
   const T* row(int64_t s) const { return base + paging.row_offset(seq, s, block_stride, row_stride); }
 };
 
-// Query heads q[j * dh ...] (j < group) attend to keys/values 0..n-1; writes out[j * dh ...]. n == 0 gives
-// zeros and reads no cache. `buf` is per-thread scratch.
+// One split of a decode (flash-decoding): the query heads q[j * dh ...] (j < group) against keys/values s0..s1-1.
+// Writes each head's softmax state to state[j * (dh + 2) ...]: the largest logit, the sum of exp(logit - it),
+// and the exp-weighted sum of the value rows (unnormalised); an empty split writes (-inf, 0, zeros). Vectorised
+// dot products, exp and value updates (cpu_utils.h); `buf` is per-thread scratch.
 template <typename T, typename acc_t>
-void attend(const T* q, int64_t group, Rows<T> k, Rows<T> v, int64_t n, int64_t dh, acc_t scale, T* out,
-            std::vector<acc_t>& buf) {
-  if (n == 0) {
-    std::fill(out, out + group * dh, T(0));
-    return;
+void attend_split(const T* q, int64_t group, Rows<T> k, Rows<T> v, int64_t s0, int64_t s1, int64_t dh, acc_t scale,
+                  acc_t* state, std::vector<acc_t>& buf) {
+  const int64_t n = std::max<int64_t>(s1 - s0, 0);
+  for (int64_t j = 0; j < group; ++j) {
+    acc_t* st = state + j * (dh + 2);
+    st[0] = -std::numeric_limits<acc_t>::infinity();
+    std::fill(st + 1, st + dh + 2, acc_t(0));
   }
-  buf.assign(group * (2 * dh + n), acc_t(0));
+  if (n == 0) return;
+  buf.resize(group * (dh + n));
   acc_t* qf = buf.data();          // [group, dh] queries in acc_t
-  acc_t* acc = qf + group * dh;    // [group, dh] weighted sum of values
-  acc_t* prob = acc + group * dh;  // [group, n] logits, then probabilities
+  acc_t* prob = qf + group * dh;   // [group, n] logits, then exp(logit - max)
   for (int64_t i = 0; i < group * dh; ++i) qf[i] = static_cast<acc_t>(q[i]);
   for (int64_t s = 0; s < n; ++s) {
-    const T* krow = k.row(s);
+    const T* krow = k.row(s0 + s);
     for (int64_t j = 0; j < group; ++j) prob[j * n + s] = dot(krow, qf + j * dh, dh) * scale;
   }
   for (int64_t j = 0; j < group; ++j) {
     acc_t* p = prob + j * n;
-    const acc_t mx = *std::max_element(p, p + n);
-    acc_t sum = 0;
-    for (int64_t s = 0; s < n; ++s) sum += (p[s] = std::exp(p[s] - mx));
-    const acc_t inv = acc_t(1) / sum;
-    for (int64_t s = 0; s < n; ++s) p[s] *= inv;
+    acc_t* st = state + j * (dh + 2);
+    st[0] = *std::max_element(p, p + n);
+    st[1] = exp_sum(p, st[0], n);
   }
   for (int64_t s = 0; s < n; ++s) {
-    const T* vrow = v.row(s);
-    for (int64_t j = 0; j < group; ++j) {
-      const acc_t p = prob[j * n + s];
-      acc_t* a = acc + j * dh;
-      for (int64_t d = 0; d < dh; ++d) a[d] += p * static_cast<acc_t>(vrow[d]);
-    }
+    const T* vrow = v.row(s0 + s);
+    for (int64_t j = 0; j < group; ++j) axpy(state + j * (dh + 2) + 2, prob[j * n + s], vrow, dh);
   }
-  for (int64_t i = 0; i < group * dh; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+// One head's output from its splits' states (`splits` of them, `stride` apart): sum_i e^(m_i - M) acc_i over
+// sum_i e^(m_i - M) l_i with M the largest m_i; zeros when every split was empty (no key).
+template <typename T, typename acc_t>
+void merge_splits(const acc_t* state, int64_t splits, int64_t stride, int64_t dh, T* out) {
+  acc_t top = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < splits; ++i) top = std::max(top, state[i * stride]);
+  if (top == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(out, out + dh, T(0));
+    return;
+  }
+  acc_t sum = 0;
+  std::vector<acc_t> acc(dh, acc_t(0));
+  for (int64_t i = 0; i < splits; ++i) {
+    const acc_t* st = state + i * stride;
+    if (st[1] == 0) continue;
+    const acc_t w = std::exp(st[0] - top);
+    sum += w * st[1];
+    for (int64_t d = 0; d < dh; ++d) acc[d] += w * st[2 + d];
+  }
+  const acc_t inv = acc_t(1) / sum;
+  for (int64_t d = 0; d < dh; ++d) out[d] = static_cast<T>(acc[d] * inv);
 }
 
 // Dense caches [B, S, Hkv, Dh], or with a block table pools [num_blocks, block_size, Hkv, Dh] (see Paging).
+// Parallel over sequences x KV heads x splits of the keys (enough splits to keep every thread busy at batch 1,
+// none shorter than kMinSplit rows), then the splits merged per head.
 void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
                       const std::optional<Tensor>& block_table, double softmax_scale, Tensor& out) {
+  constexpr int64_t kMinSplit = 128;
   check_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, out);
   const Tensor qc = q.contiguous();
   const Tensor lens = cache_seqlens.to(at::kLong).contiguous();
@@ -81,21 +104,35 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   const int64_t batch = q.size(0), hq = q.size(1), dh = q.size(2), hkv = k_cache.size(2);
   const int64_t group = hq / hkv;
   const int64_t* lp = lens.const_data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, std::clamp<int64_t>(lp[b], 0, cap));
+  const int64_t heads = batch * hkv;
+  const int64_t wanted = (4 * at::get_num_threads() + heads - 1) / std::max<int64_t>(heads, 1);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, std::max<int64_t>((longest + kMinSplit - 1) / kMinSplit, 1));
+  const int64_t split_len = std::max<int64_t>((longest + splits - 1) / splits, 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mindskip_decode_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* qp = qc.const_data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.const_data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * hkv, 1, [&](int64_t w0, int64_t w1) {
+    const int64_t stride = group * (dh + 2);  // one split's states of a KV head's query heads
+    std::vector<acc_t> states(heads * splits * stride);
+    at::parallel_for(0, heads * splits, 1, [&](int64_t w0, int64_t w1) {
       std::vector<acc_t> buf;
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t b = w / hkv, h = w % hkv;
+        const int64_t b = w / (hkv * splits), h = w / splits % hkv, i = w % splits;
         const int64_t n = std::clamp<int64_t>(lp[b], 0, cap);  // rows past the capacity do not exist
         const Rows<scalar_t> k{kp + h * k_cache.stride(2), paging, b, k_cache.stride(0), k_cache.stride(1)};
         const Rows<scalar_t> v{vp + h * v_cache.stride(2), paging, b, v_cache.stride(0), v_cache.stride(1)};
-        const int64_t head = (b * hq + h * group) * dh;
-        attend(qp + head, group, k, v, n, dh, static_cast<acc_t>(softmax_scale), op + head, buf);
+        attend_split(qp + (b * hq + h * group) * dh, group, k, v, i * split_len, std::min(n, (i + 1) * split_len),
+                     dh, static_cast<acc_t>(softmax_scale), states.data() + w * stride, buf);
+      }
+    });
+    at::parallel_for(0, batch * hq, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // query head r % hq of sequence r / hq
+        const int64_t head = r / group, j = r % group;  // its KV head (b * hkv + h) and place in the group
+        merge_splits(states.data() + head * splits * stride + j * (dh + 2), splits, stride, dh, op + r * dh);
       }
     });
   });

@@ -89,6 +89,20 @@ inline void add_row_portable(const T* __restrict__ res, const T* __restrict__ va
   }
 }
 
+// p[i] = exp(p[i] - shift) in place; returns the sum (a softmax row's denominator).
+template <typename acc_t>
+inline acc_t exp_sum_portable(acc_t* __restrict__ p, acc_t shift, int64_t n, int64_t i0 = 0) {
+  acc_t sum = 0;
+  for (int64_t i = i0; i < n; ++i) sum += (p[i] = std::exp(p[i] - shift));
+  return sum;
+}
+
+// acc[i] += p * acc_t(v[i]): a value row weighted into an attention output.
+template <typename acc_t, typename T>
+inline void axpy_portable(acc_t* __restrict__ acc, acc_t p, const T* __restrict__ v, int64_t n, int64_t i0 = 0) {
+  for (int64_t i = i0; i < n; ++i) acc[i] += p * static_cast<acc_t>(v[i]);
+}
+
 // ---- AVX2 loops (fp32 accumulation types only) -----------------------------------------------------------
 
 #ifdef MINDSKIP_X86_SIMD
@@ -163,6 +177,46 @@ MINDSKIP_AVX2 std::pair<float, float> dot_sumsq_avx2(const T* a, const float* w,
   return {d, q};
 }
 
+// exp of 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by its degree-6 Taylor-like minimax
+// polynomial, 2^n through the exponent bits; inputs clamped to [-87.3, 88] (e^x underflows to ~1e-38 at the
+// bottom, which a softmax sum cannot tell from 0). Relative error about 2 ulp.
+MINDSKIP_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+MINDSKIP_AVX2 inline float exp_sum_avx2(float* p, float shift, int64_t n) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), s));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return hsum(acc) + exp_sum_portable(p, shift, n, i);
+}
+
+template <typename T>
+MINDSKIP_AVX2 void axpy_avx2(float* acc, float p, const T* v, int64_t n) {
+  const __m256 w = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(acc + i)));
+  axpy_portable(acc, p, v, n, i);
+}
+
 template <typename T>
 MINDSKIP_AVX2 void norm_row_avx2(const T* src, const float* gamma, float rstd, T* dst, int64_t n) {
   const __m256 r = _mm256_set1_ps(rstd);
@@ -220,6 +274,26 @@ inline void norm_row(const T* src, const acc_t* gamma, acc_t rstd, T* dst, int64
   }
 #endif
   norm_row_portable(src, gamma, rstd, dst, n);
+}
+
+template <typename acc_t>
+inline acc_t exp_sum(acc_t* p, acc_t shift, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return exp_sum_avx2(p, shift, n);
+  }
+#endif
+  return exp_sum_portable(p, shift, n);
+}
+
+template <typename acc_t, typename T>
+inline void axpy(acc_t* acc, acc_t p, const T* v, int64_t n) {
+#ifdef MINDSKIP_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return axpy_avx2(acc, p, v, n);
+  }
+#endif
+  axpy_portable(acc, p, v, n);
 }
 
 template <typename acc_t, typename T>
