@@ -14,11 +14,15 @@ bench_fused_norm.py (shared pieces in models.py); the predicated GEMV is a kerne
 Routers sit on the last half of the layers minus the final one (the paper's choice) and route each --target:
 the attention sub-layer (MindSkip, the default), the MLP, or the whole block (Mixture-of-Depths). For each
 skip fraction, every routed layer's threshold is calibrated on the prompt so that that fraction of its
-tokens skips the target. "ideal" is Amdahl's law on measured times: the dense time minus that fraction of
-the routed targets' time (dense minus the same model with every routed target skipped); for decode the
-fraction is the one measured on the generated tokens (their routing is not calibrated). Under kv="all" the
-skipped tokens still compute their K/V, so "every routed target skipped" still runs those projections: its
-ideal is dense minus the skipped rows' q/o projections and attention, measured the same way.
+tokens skips the target. "ideal" is measured, never a formula over the routed model's own times. Prefill: the
+per-layer ideal (`models.IdealLayer`), the dense model whose routed layers do with stock PyTorch ops only the work
+the routed layer does at that keep rate (kv="kept": the dense sub-layer on that many tokens, attending among
+themselves; kv="all": every token's K/V projections and the kept rows' queries over every key). Decode (one token
+per sequence and step, so a step's work is linear in the tokens that run it): Amdahl's law between the dense step
+and the removed-work step (the routed layers' skipped work removed, their K/V projections left under kv="all"),
+at the fraction measured on the generated tokens (their routing is not calibrated). "all kept" = dense / the
+routed model at threshold 0 and "all skipped" = removed work / the routed model at threshold 1: its fixed cost
+(1.00 = none).
 
 Decode also reports the K/V bytes each routed layer moves per step (read: the kept sequences' cached rows,
 once, by the paged kernel; written: the kept new rows) next to a dense layer's, and the K/V memory held
@@ -40,11 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import Row, device_name, measure, print_table, pyplot, write_csv  # noqa: E402
 from benchmarks.models import (  # noqa: E402
     TARGETS,
+    IdealLayer,
     amdahl,
     build_model,
     calibrate,
     decode,
     decode_bytes,
+    layers_swapped,
     mindskip_layers,
     new_cache,
     parse,
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for batch, seq_len in shapes:
             rows += run_shape(args, dense, model, target, kv, batch, seq_len, device, table)
     print_table(["routed", "shape", "phase", "skipped", "dense ms", "mindskip ms", "speedup", "ideal", "of ideal",
-                 "KV bytes"], table)
+                 "all kept", "all skipped", "KV bytes"], table)
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
@@ -107,12 +113,26 @@ def run_shape(args, dense, model, target: str, kv: str, batch: int, seq_len: int
     def dense_cache():
         return transformers.DynamicCache(config=dense.config)
 
+    base, routed_idx = list(dense.model.layers), set(mindskip_layers(model))
+
+    def ideal_layers(kept: int) -> list[torch.nn.Module]:
+        return [IdealLayer(layer, target, kv, kept, seq_len) if i in routed_idx else layer
+                for i, layer in enumerate(base)]
+
     rows = []
     with torch.no_grad():
-        for skip in args.skip:  # dense and "none" are re-measured next to each point: the machine's speed drifts
+        for skip in args.skip:  # every reference is re-measured next to each point: the machine's speed drifts
+            calibrate(model, ids, 0.0)
+            all_pre, all_dec = timings(model, lambda: new_cache(model))  # every token kept
             calibrate(model, ids, 1.0)
             none_pre, none_dec = timings(model, lambda: new_cache(model))  # every routed target skipped
+            with layers_swapped(dense, ideal_layers(0)):
+                removed_pre, removed_dec = timings(dense, dense_cache)
             dense_pre, dense_dec = timings(dense, dense_cache)
+            if measure_prefill:
+                with layers_swapped(dense, ideal_layers(round((1 - skip) * seq_len))):
+                    ideal_pre = measure(lambda: prefill(dense, ids, dense_cache), device, warmup=1,
+                                        repeats=args.repeats)
             calibrate(model, ids, skip)
             pre, dec = timings(model, lambda: new_cache(model))
             kept: list[dict[int, torch.Tensor]] = []
@@ -128,14 +148,16 @@ def run_shape(args, dense, model, target: str, kv: str, batch: int, seq_len: int
                      Row("e2e", "dense", "decode", "time", "ms/token", point, *dense_dec, dev),
                      Row("e2e", name, "prefill", "time", "ms", point, *pre, dev),
                      Row("e2e", name, "decode", "time", "ms/token", point, *dec, dev)]
-            phases = (("prefill", dense_pre, none_pre, pre, skip), ("decode", dense_dec, none_dec, dec, decode_skip))
-            for phase, d, n, m, skipped in phases:
+            phases = (("prefill", dense_pre, all_pre, none_pre, removed_pre, pre, skip),
+                      ("decode", dense_dec, all_dec, none_dec, removed_dec, dec, decode_skip))
+            for phase, d, a, n, r, m, skipped in phases:
                 if phase not in args.phases:
                     continue
-                ideal = amdahl(d[0], n[0], skipped)
+                ideal = d[0] / ideal_pre[0] if phase == "prefill" else amdahl(d[0], r[0], skipped)
                 routed = target if kv == "kept" else f"{target} kv=all"
                 table.append([routed, shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x",
-                              f"{ideal:.2f}x", f"{(d[0] / m[0]) / ideal:.0%}",
+                              f"{ideal:.2f}x", f"{(d[0] / m[0]) / ideal:.0%}", f"{d[0] / a[0]:.2f}",
+                              f"{r[0] / n[0]:.2f}",
                               f"{cache.nbytes() / cache.dense_nbytes():.0%}" if phase == "decode" else ""])
             if measure_decode and target != "mlp":  # MLP-target layers keep a dense cache layer
                 read, written, dense_read = decode_bytes(model, cache, kept[-1])

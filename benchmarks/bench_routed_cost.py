@@ -15,7 +15,7 @@ For each model, prompt shape and routed configuration (target x K/V rule), every
   over every key with the causal-by-position boolean mask); and the static drop a user would pick instead, the
   removed-work layers in round(f x routed layers) of the routed layers and the rest dense.
 Reported per point: median ms over rounds, and per-round ratios (median [p20, p80]) against dense, against the
-ideal ("of ideal" = ideal / routed time), and "of drop's saving" = (dense - routed) / (dense - drop).
+ideal ("of ideal" = ideal / routed time), and "of drop's saving" = (dense - routed) / (dense - drop) on the medians.
 
     python benchmarks/bench_routed_cost.py                                  # SmolLM2-135M (offline) + cpu-small
     python benchmarks/bench_routed_cost.py --model smollm2 --shapes 4x128 1x2048 --configs block-all
@@ -34,79 +34,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import Row, device_name, percentiles, print_table, write_csv  # noqa: E402
-from benchmarks.models import build_model, mindskip_layers, routed_model  # noqa: E402
+from benchmarks.models import IdealLayer, build_model, layers_swapped, mindskip_layers, routed_model  # noqa: E402
 from mindskip_kernels.integrations.hf import record_routing  # noqa: E402
 
 CONFIGS = {"attention-kept": ("attention", "kept"), "attention-all": ("attention", "all"), "mlp": ("mlp", "kept"),
            "block-all": ("block", "all"), "block-kept": ("block", "kept")}
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, Dh] rotated by cos/sin [B, T, Dh] (Llama's half-split layout)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-class IdealLayer(nn.Module):
-    """A dense decoder layer doing only the work of a routed layer whose target runs for `kept` tokens of each
-    sequence (see the module docstring), with stock PyTorch ops and no routing; kept=0: the removed-work layer.
-    For a prefill without cache or padding (the only call this benchmark makes)."""
-
-    def __init__(self, layer: nn.Module, target: str, kv: str, kept: int, seq_len: int) -> None:
-        super().__init__()
-        self.layer, self.target, self.kv, self.kept = layer, target, kv, kept
-        g = torch.Generator().manual_seed(kept)  # kv="all": a fixed spread of kept rows, positions ascending
-        self.register_buffer("rows", torch.randperm(seq_len, generator=g)[:kept].sort().values, persistent=False)
-
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **kwargs) -> torch.Tensor:
-        x, layer, t = hidden_states, self.layer, self.kept
-        cos, sin = position_embeddings
-        if self.kv == "all":
-            return self._kv_all(x, cos, sin)
-        if self.target == "block":
-            if t == 0:
-                return x
-            head = layer(x[:, :t], position_embeddings=(cos[:, :t], sin[:, :t]))
-            return torch.cat((head, x[:, t:]), 1)
-        if self.target == "attention":
-            if t:
-                head = x[:, :t]
-                head = head + layer.self_attn(layer.input_layernorm(head), (cos[:, :t], sin[:, :t]), None)[0]
-                x = torch.cat((head, x[:, t:]), 1)
-            return x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x + layer.self_attn(layer.input_layernorm(x), (cos, sin), None)[0]  # mlp target
-        if t == 0:
-            return x
-        head = x[:, :t]
-        return torch.cat((head + layer.mlp(layer.post_attention_layernorm(head)), x[:, t:]), 1)
-
-    def _kv_all(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Every token's K/V; the kept rows' queries over every key up to their position, o_proj (+ MLP: block)."""
-        layer, attn = self.layer, self.layer.self_attn
-        b, n, _ = x.shape
-        z = layer.input_layernorm(x)
-        k = attn.k_proj(z).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(z).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = _rope(k, cos, sin)
-        if self.kept:
-            rows = self.rows
-            q = attn.q_proj(z[:, rows]).view(b, self.kept, -1, attn.head_dim).transpose(1, 2)
-            q = _rope(q, cos[:, rows], sin[:, rows])
-            mask = torch.arange(n) <= rows[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
-            h = x[:, rows] + attn.o_proj(out.transpose(1, 2).flatten(2))
-            if self.target == "block":
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            x = x.index_copy(1, rows, h)
-        if self.target == "block":
-            return x
-        return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def load(name: str) -> nn.Module:
@@ -134,14 +71,10 @@ def calibrate(model: nn.Module, ids: torch.Tensor, skip: float, passes: int = 2)
 
 
 def swap_layers(dense: nn.Module, layers: list[nn.Module]):
-    """A callable running `dense` with its decoder layers replaced by `layers` for the call."""
+    """A forward of `dense` with its decoder layers replaced by `layers` for the call."""
     def run(ids: torch.Tensor) -> None:
-        original = dense.model.layers
-        dense.model.layers = nn.ModuleList(layers)
-        try:
+        with layers_swapped(dense, layers):
             dense(ids, use_cache=False, logits_to_keep=1)
-        finally:
-            dense.model.layers = original
     return run
 
 
@@ -183,7 +116,8 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
     with torch.no_grad():
         for call in calls.values():  # warm-up
             call(ids)
-        for _ in range(args.repeats):
+        for _ in tqdm(range(args.repeats), desc=f"{model_name} {batch}x{seq_len} {config}", unit="round",
+                      leave=False):
             for name, call in calls.items():
                 t0 = time.perf_counter()
                 call(ids)
@@ -208,10 +142,10 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
                   cell(ratio("dense", "removed work")), "", ""])
     for f in args.skip:
         p = f"{f:.0%}"
-        saved = percentiles([(d - r) / max(d - s, 1e-9) for d, r, s in
-                             zip(times["dense"], times[p], times[f"{p} drop"], strict=True)])
+        saved = (med["dense"] - med[p]) / (med["dense"] - med[f"{p} drop"])  # of medians: a per-round ratio of
+        # two small differences is mostly noise
         table.append([model_name, shape, config, f"skip {p}", f"{skipped[p]:.0%}", med[p], cell(ratio("dense", p)),
-                      cell(ratio(f"{p} ideal", p)), cell(saved)])
+                      cell(ratio(f"{p} ideal", p)), f"{saved:.0%}"])
         table.append([model_name, shape, config, f"  ideal {p}", "", med[f"{p} ideal"],
                       cell(ratio("dense", f"{p} ideal")), "", ""])
         table.append([model_name, shape, config, f"  static drop {p}", "", med[f"{p} drop"],

@@ -14,13 +14,17 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 import transformers
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 import mindskip_kernels as mk
 from mindskip_kernels.integrations.hf import TARGETS, RoutedKVLayer, mindskip_layers, new_cache, record_routing
 
-__all__ = ["PRESETS", "SMOKE", "TARGETS", "amdahl", "build_model", "calibrate", "decode", "decode_bytes",
-           "mindskip_layers", "new_cache", "parse", "parser", "prefill", "routed_memory", "routed_model"]
+__all__ = ["PRESETS", "SMOKE", "TARGETS", "IdealLayer", "amdahl", "build_model", "calibrate", "decode", "decode_bytes",
+           "layers_swapped", "mindskip_layers", "new_cache", "parse", "parser", "prefill", "routed_memory",
+           "routed_model"]
 
 PRESETS = {
     "cpu-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -128,7 +132,8 @@ def decode(model, prefilled, tokens: torch.Tensor, kept: list[dict[int, torch.Te
 
 def amdahl(dense_ms: float, none_ms: float, skipped: float) -> float:
     """Amdahl's law on measured times: the speedup when `skipped` of the routed targets' time goes, that time
-    being dense minus the same model with every routed target skipped (`none_ms`)."""
+    being dense minus `none_ms`, the same model with every routed target's work removed (bench_e2e: the
+    removed-work model; a step whose work is linear in its tokens, like a decode step)."""
     return dense_ms / max(dense_ms - skipped * max(dense_ms - none_ms, 0.0), 1e-9)
 
 
@@ -153,3 +158,89 @@ def routed_memory(model, cache) -> float:
     layers = [i for i in mindskip_layers(model) if isinstance(cache.layers[i], RoutedKVLayer)]
     per_layer = cache.dense_nbytes() / len(cache.layers)
     return sum(cache.layers[i].nbytes() for i in layers) / (per_layer * len(layers))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh] rotated by cos/sin [B, T, Dh] (Llama's half-split layout)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class IdealLayer(nn.Module):
+    """The per-layer ideal: a dense decoder layer doing, with stock PyTorch ops on its weights and no routing,
+    gather or scatter, only the work of a routed layer whose target runs for `kept` tokens of each sequence.
+    kv="kept": the dense sub-layer on the first `kept` tokens (they attend among themselves, as kept tokens do);
+    kv="all": every token's K/V projections, then for a fixed spread of `kept` rows their queries over every key
+    up to their position (SDPA with that boolean mask, by chunks of 64 queries), o_proj (and the MLP for a
+    block). kept=0: the removed-work layer (the skipped work gone, the K/V projections left under kv="all"). No
+    cache is read or written and no padding is assumed: for timing prefill, and decode steps with kept=0."""
+
+    def __init__(self, layer: nn.Module, target: str, kv: str, kept: int, seq_len: int) -> None:
+        super().__init__()
+        self.layer, self.target, self.kv, self.kept = layer, target, kv, kept
+        g = torch.Generator().manual_seed(kept)  # kv="all": a fixed spread of kept rows, positions ascending
+        self.register_buffer("rows", torch.randperm(seq_len, generator=g)[:kept].sort().values, persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **kwargs) -> torch.Tensor:
+        x, layer, t = hidden_states, self.layer, self.kept
+        cos, sin = position_embeddings
+        if self.kv == "all":
+            return self._kv_all(x, cos, sin)
+        if self.target == "block":
+            if t == 0:
+                return x
+            head = layer(x[:, :t], position_embeddings=(cos[:, :t], sin[:, :t]))
+            return torch.cat((head, x[:, t:]), 1)
+        if self.target == "attention":
+            if t:
+                head = x[:, :t]
+                head = head + layer.self_attn(layer.input_layernorm(head), (cos[:, :t], sin[:, :t]), None)[0]
+                x = torch.cat((head, x[:, t:]), 1)
+            return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + layer.self_attn(layer.input_layernorm(x), (cos, sin), None)[0]  # mlp target
+        if t == 0:
+            return x
+        head = x[:, :t]
+        return torch.cat((head + layer.mlp(layer.post_attention_layernorm(head)), x[:, t:]), 1)
+
+    def _kv_all(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every token's K/V; the kept rows' queries over every key up to their position, o_proj (+ MLP: block)."""
+        layer, attn = self.layer, self.layer.self_attn
+        b, n, _ = x.shape
+        z = layer.input_layernorm(x)
+        k = attn.k_proj(z).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(z).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = _rope(k, cos, sin)
+        if self.kept:
+            rows = self.rows
+            q = attn.q_proj(z[:, rows]).view(b, self.kept, -1, attn.head_dim).transpose(1, 2)
+            q = _rope(q, cos[:, rows], sin[:, rows])
+            out = torch.cat([self._attend(q[:, :, c0:c0 + 64], k, v, rows[c0:c0 + 64], attn.scaling)
+                             for c0 in range(0, self.kept, 64)], 2)
+            h = x[:, rows] + attn.o_proj(out.transpose(1, 2).flatten(2))
+            if self.target == "block":
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            x = x.index_copy(1, rows, h)
+        if self.target == "block":
+            return x
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        """Queries q [B, H, c, Dh] at positions `rows` (ascending) over keys 0..rows[-1] with the causal boolean mask:
+        by chunks of 64 queries, the least work stock SDPA does for a sparse set of queries (on the CPU it does not
+        skip masked blocks)."""
+        keys = int(rows[-1]) + 1
+        mask = torch.arange(keys) <= rows[:, None]
+        return F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+@contextlib.contextmanager
+def layers_swapped(model: nn.Module, layers: list[nn.Module]):
+    """`model` runs with its decoder layers replaced by `layers` inside the block (e.g. IdealLayer's)."""
+    original = model.model.layers
+    model.model.layers = nn.ModuleList(layers)
+    try:
+        yield model
+    finally:
+        model.model.layers = original

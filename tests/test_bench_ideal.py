@@ -1,4 +1,4 @@
-"""The per-layer ideal of benchmarks/bench_routed_cost.py computes what a routed layer computes (so its time is the
+"""The benchmarks' per-layer ideal (benchmarks/models.py) computes what a routed layer computes (so its time is the
 time of that work): every token kept == the dense layer, none kept == the skipped work removed, and under kv="all"
 the kept rows get exactly the dense layer's output, the others pass (block) or get only the MLP (attention)."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bench_routed_cost import CONFIGS, IdealLayer
+from benchmarks.bench_routed_cost import CONFIGS
+from benchmarks.models import IdealLayer
 from tests.models import tiny_model
 
 
