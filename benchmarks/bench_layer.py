@@ -4,8 +4,8 @@
     python benchmarks/bench_layer.py --smoke         # tiny sizes, a few seconds (CI)
 
 "ideal" is the dense sub-layer run on only the kept number of tokens: what a perfect MindSkip would cost.
-Speedup = dense / mindskip; efficiency = speedup / ideal speedup. "all kept" is the dense sub-layer's time over the MindSkip
-layer keeping every token (threshold 0): the whole fixed cost, attention kernel included (1.00 = none);
+Speedup = dense / mindskip; efficiency = speedup / ideal speedup. "all kept" is the dense sub-layer's time over
+the MindSkip layer keeping every token (threshold 0): the whole fixed cost, attention kernel included (1.00 = none);
 "routing ops" is route + gather + scatter alone as a fraction of the dense sub-layer.
 """
 
