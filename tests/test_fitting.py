@@ -83,7 +83,8 @@ def test_fit_routers_solves_the_label_regression_and_is_batch_independent(granul
     routers = {i: layer.router.weight.clone() for i, layer in mindskip_layers(model).items()}
     fit_routers(model, items, batch_size=1, progress=False)  # other padding, same samples
     for i, layer in mindskip_layers(model).items():
-        torch.testing.assert_close(layer.router.weight, routers[i], rtol=1e-5, atol=1e-7)
+        # fp32 rounding only: padded and unpadded batches take different SDPA paths in the dense forward
+        torch.testing.assert_close(layer.router.weight, routers[i], rtol=1e-4, atol=1e-6)
         assert layer.router.weight.abs().sum() > 0
     expected = 33 if granularity == "token" else 4
     assert all(f.samples == expected for f in one.layers.values()) and one.seconds > 0
