@@ -166,17 +166,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def plot(table: list[list], path: str) -> None:
+    """A heat map: problems x (shape, heads, dtype), each cell SDPA time / op time (log colour scale, red below 1)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
     plt = pyplot()
-    names = list(dict.fromkeys(r[0] for r in table))
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1.5))
-    labels = [f"{r[0]} | {r[1]}" for r in table]
-    ax.barh(range(len(table)), [float(r[4].rstrip("x")) for r in table],
-            color=[f"C{names.index(r[0])}" for r in table])
-    ax.axvline(1.0, color="gray", lw=0.8)
-    ax.axvline(0.95, color="red", lw=0.8, ls="--")
-    ax.set_yticks(range(len(table)), labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("SDPA time / op time (>= 0.95: the target)")
+    problems = list(dict.fromkeys(r[0] for r in table))
+    shapes = list(dict.fromkeys(r[1] for r in table))
+    grid = np.full((len(problems), len(shapes)), np.nan)
+    for r in table:
+        grid[problems.index(r[0]), shapes.index(r[1])] = float(r[4].rstrip("x"))
+    fig, ax = plt.subplots(figsize=(1.0 * len(shapes) + 4, 0.5 * len(problems) + 2))
+    image = ax.imshow(grid, cmap="RdYlGn", norm=LogNorm(vmin=0.25, vmax=4))
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(shapes)), shapes, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(problems)), problems, fontsize=7)
+    fig.colorbar(image, ax=ax, label="SDPA time / op time (>= 0.95: the target)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
