@@ -153,7 +153,7 @@ def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, rows_
     for name, cu, rows, exact, bound in (("cu_seqlens_q", cu_seqlens_q, rows_q, True, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, rows_k, False, max_seqlen_k)):
         c = cu.tolist()  # one host copy of B + 1 ints: ATen ops per check would cost more than the check
-        i = next((i for i in range(len(c)) if c[i] < (c[i - 1] if i else 0) or (i == 0 and c[0] != 0)), None)
+        i = next((i for i in range(len(c)) if (c[i] < c[i - 1] if i else c[0] != 0)), None)
         if i is not None:
             raise ValueError(f"{name} must be non-decreasing from 0, got {name}[{i}] = {c[i]}")
         if c[-1] > rows or (exact and c[-1] != rows):

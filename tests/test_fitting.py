@@ -76,15 +76,16 @@ def test_label_hooks_see_what_the_dense_model_does(arch, target):
 
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_fit_routers_solves_the_label_regression_and_is_batch_independent(granularity):
-    model = tiny_model("llama")
+    # fp64: padded and unpadded batches take different SDPA paths in the dense forward, whose fp32 rounding the
+    # least-squares solve amplifies past this tolerance; in fp64 only a padding leak could move the fit
+    model = tiny_model("llama").double()
     mk.apply_mindskip(model, layers=[1, 2], granularity=granularity, backend="reference")
     items = [{"input_ids": torch.randint(1, 97, (n,)), "labels": torch.randint(1, 97, (n,))} for n in (9, 5, 12, 7)]
     one = fit_routers(model, items, batch_size=4, progress=False)
     routers = {i: layer.router.weight.clone() for i, layer in mindskip_layers(model).items()}
     fit_routers(model, items, batch_size=1, progress=False)  # other padding, same samples
     for i, layer in mindskip_layers(model).items():
-        # fp32 rounding only: padded and unpadded batches take different SDPA paths in the dense forward
-        torch.testing.assert_close(layer.router.weight, routers[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.router.weight, routers[i], rtol=1e-5, atol=1e-7)
         assert layer.router.weight.abs().sum() > 0
     expected = 33 if granularity == "token" else 4
     assert all(f.samples == expected for f in one.layers.values()) and one.seconds > 0

@@ -1,6 +1,6 @@
 // CPU attention kernels: decode (one query per sequence against a ragged KV cache, dense or paged through a
 // block table: a group of query heads sharing one KV head (GQA) attends to the cached rows, fp32/fp64
-// accumulation, parallel over sequences and KV heads) and varlen (packed sequences, optionally causal aligned
+// accumulation, parallel over sequences, KV heads and splits of the keys) and varlen (packed sequences, optionally causal aligned
 // bottom-right or up to a per-query key position: PyTorch's fused CPU attention per sequence on views of the packed
 // rows; keys packed too, or read from a paged pool for chunked prefill).
 #include <ATen/ATen.h>
@@ -273,7 +273,7 @@ void varlen_attention(const Tensor& q, const Tensor& k, const Tensor& v, const T
     fused(batched(q), batched(k), batched(v), causal, std::nullopt, softmax_scale, batched(out));
     return;
   }
-  varlen_fused(q, cuq.const_data_ptr<int64_t>(), cuq.numel() - 1,
+  varlen_fused(q, cuq.const_data_ptr<int64_t>(), batch,
                [&](int64_t b) { return ck[b + 1] - ck[b]; },
                [&](int64_t b, int64_t n) { return std::pair{k.narrow(0, ck[b], n), v.narrow(0, ck[b], n)}; },
                causal, softmax_scale, positions, out);
