@@ -56,7 +56,7 @@ from benchmarks.harness import print_table, pyplot  # noqa: E402
 from benchmarks.oracle import Oracle  # noqa: E402
 from mindskip_kernels.agreement import agreement, twin  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
-from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_then_tune  # noqa: E402
+from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_replacement, fit_then_tune  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
 from mindskip_kernels.layer_drop import (  # noqa: E402
     drop_sublayers,
@@ -89,7 +89,21 @@ def label(method: str, target: str) -> str:
 
 def static_method(name: str) -> bool:
     """Whether a row's method drops whole sub-layers (no K/V rule: the same under both)."""
-    return name in DROP_NAMES.values() or any(name.startswith(m) for m in STATIC)
+    return name.split(" + ")[0] in DROP_NAMES.values() or any(name.startswith(m) for m in STATIC)
+
+
+def adapter_spec(value: str) -> tuple[str | None, int | None]:
+    """--adapters entry: "none", "mean", "linear" (full rank) or "linear:R" -> (adapter, adapter_rank)."""
+    kind, _, rank = value.partition(":")
+    if kind not in ("none", "mean", "linear") or (rank and (kind != "linear" or not rank.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected none, mean, linear or linear:RANK, got {value!r}")
+    return (None if kind == "none" else kind), (int(rank) if rank else None)
+
+
+def adapter_suffix(spec: tuple[str | None, int | None]) -> str:
+    """A row name's adapter part: "" (none), " + mean", " + linear" (full rank), " + linear r64"."""
+    kind, rank = spec
+    return "" if kind is None else f" + {kind}" + ("" if rank is None else f" r{rank}")
 
 
 def corpus() -> tuple[str, str]:
@@ -173,6 +187,11 @@ def main() -> None:
                    help="routed sub-layers of the tuned methods (mlp / block add rows next to attention's)")
     p.add_argument("--kv", nargs="+", default=list(KV_RULES), choices=KV_RULES,
                    help="K/V rules to run the routed methods under (mlp: kept only)")
+    p.add_argument("--adapters", type=adapter_spec, nargs="+", default=[(None, None)], metavar="SPEC",
+                   help="skipped-token adapters of the fitted methods (none, mean, linear, linear:RANK); each "
+                        "adapter also adds the static linear replacement row (the drop + that map)")
+    p.add_argument("--tune-adapters", action="store_true",
+                   help="fitted + tuned rows with an adapter also train the adapter (rows '... tuned adapter')")
     p.add_argument("--model", default=None, help="HF folder or GGUF (default: the offline SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--backend", default="auto")
@@ -185,7 +204,7 @@ def main() -> None:
         rows = []
         for path in args.merge:
             with open(path, newline="") as f:
-                rows += [{k: v if k in ("method", "kv") else int(v) if k == "seed" else float(v)
+                rows += [{k: v if k in ("method", "kv", "target") else int(v) if k == "seed" else float(v)
                           for k, v in r.items()}
                          for r in csv.DictReader(f)]
         report(rows, args)
@@ -205,11 +224,11 @@ def main() -> None:
     rows: list[dict] = []  # one per (method, keep, seed)
 
     def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
-               seconds: float = 0.0, kv: str = "-") -> None:
+               seconds: float = 0.0, kv: str = "-", target: str = "attention") -> None:
         result = evaluate(model, held, batch_size=8)
         agree = agreement(base, model, held, batch_size=8, progress=False)
         fast = speed(base, model, timing, args.speed_repeats) if seed == 0 and method != ORACLE else float("nan")
-        rows.append({"method": method, "kv": kv, "keep": keep, "seed": seed,
+        rows.append({"method": method, "target": target, "kv": kv, "keep": keep, "seed": seed,
                      "achieved_keep": result.keep_rate if achieved is None else achieved,
                      "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
                      "agreement": agree.top1, "kl": agree.kl, "speed_vs_dense": fast, "seconds": seconds})
@@ -217,16 +236,23 @@ def main() -> None:
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), top-1 agreement {agree.top1:.3f}, "
               f"KL {agree.kl:.4f}, speed {fast:.2f}x", flush=True)
 
-    def dropped(layers: list[int], seed: int, name: str, keep: float, target: str) -> None:
-        model = drop_sublayers(copy.deepcopy(base), layers, target)
-        record(name, keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids))
+    def dropped(layers: list[int], seed: int, name: str, keep: float, target: str,
+                spec: tuple[str | None, int | None] = (None, None)) -> None:
+        replacement = None
+        if spec[0] is not None and layers:  # the static linear replacement: the maps fit like the adapters
+            replacement = fit_replacement(base, train[: args.fit_blocks], layers, target=target, adapter=spec[0],
+                                          adapter_rank=spec[1], batch_size=args.batch_size, progress=False)
+        model = drop_sublayers(copy.deepcopy(base), layers, target, replacement)
+        record(name + adapter_suffix(spec), keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids),
+               target=target)
 
     if "training-free drop" in args.methods:  # deterministic: one "seed"
         for target in args.targets:
             similarity = sublayer_similarity(base, calib, target=target, layers=layer_ids)
             for keep in args.keeps:
-                dropped(layers_to_drop_by_similarity(similarity, keep=keep), 0, label("training-free drop", target),
-                        keep, target)
+                for spec in args.adapters:
+                    dropped(layers_to_drop_by_similarity(similarity, keep=keep), 0,
+                            label("training-free drop", target), keep, target, spec)
 
     if ORACLE in args.methods and "attention" in args.targets:  # deterministic: one "seed"
         for kv in args.kv:
@@ -243,19 +269,25 @@ def main() -> None:
         if target == "mlp" and kv == "all":
             continue  # no K/V rule: the MLP target's attention runs for every token
         static = kv == args.kv[0]  # the drops and the layer export do not depend on the K/V rule: once
-        for name, method in FITTED:
+        fitted = [(name, method, spec, False) for name, method in FITTED for spec in args.adapters]
+        if args.tune_adapters:
+            fitted += [(name, method, spec, True) for name, method in FITTED if method == "fit+tune"
+                       for spec in args.adapters if spec[0] is not None]
+        for name, method, spec, tune_adapters in fitted:
             if name not in args.methods or (method == "fit" and seed != args.first_seed):
                 continue  # the fit alone is deterministic: one run
             model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
-                                      sink_tokens=args.sink_tokens, target=target, kv=kv)
+                                      sink_tokens=args.sink_tokens, target=target, kv=kv, adapter=spec[0],
+                                      adapter_rank=spec[1])
             t0 = time.perf_counter()
             fit_then_tune(model, train[: args.fit_blocks], method=method, keep=args.train_keep,
                           calibration=calib, steps=args.fine_tune_steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=seed, progress=False)
+                          seed=seed, progress=False, **({"tune_adapters": True} if tune_adapters else {}))
             seconds = time.perf_counter() - t0
+            row = label(name, target) + adapter_suffix(spec) + (" (tuned adapter)" if tune_adapters else "")
             for keep in args.keeps:
                 calibrate(model, calib, keep, progress=False)
-                record(label(name, target), keep, seed, model, seconds=seconds, kv=kv)
+                record(row, keep, seed, model, seconds=seconds, kv=kv, target=target)
             del model
         for name, granularity, rule in TUNED:
             want_export = (rule == "every_token" and granularity == "token" and static
@@ -272,7 +304,8 @@ def main() -> None:
             for keep in args.keeps:
                 calibrate(model, calib, keep, progress=False)
                 if name in args.methods:
-                    record(label(name, target), keep, seed, model, seconds=tune_seconds[-1], kv=kv)
+                    record(label(name, target), keep, seed, model, seconds=tune_seconds[-1], kv=kv,
+                           target=target)
                 if want_export:
                     rates = evaluate(model, calib).keep_rates
                     dropped(layers_to_drop_by_keep_rate(rates, keep=keep), seed,
@@ -289,7 +322,7 @@ def main() -> None:
                                               - bound)
             for keep in args.keeps:
                 calibrate(model, calib, keep, progress=False)
-                record(label("untuned routers", target), keep, seed, model, kv=kv)
+                record(label("untuned routers", target), keep, seed, model, kv=kv, target=target)
         if "uniform random layers" in args.methods and static:
             rng = random.Random(seed)
             for keep in args.keeps:
@@ -314,8 +347,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     table, lines = [], {}
     for r in rows:
         r.setdefault("kv", "-" if static_method(r["method"]) else "kept")  # CSVs written before the K/V rules
-    for target, method, kv in itertools.product(args.targets, args.methods, ("-", *args.kv)):  # no runs: no row
-        name = label(method, target)
+        r.setdefault("target", "attention")
+    for target, name, kv in dict.fromkeys((r["target"], r["method"], r["kv"]) for r in rows):  # in run order
         for keep in args.keeps:
             group = [r for r in rows if r["method"] == name and r["kv"] == kv and r["keep"] == keep]
             if not group:

@@ -66,7 +66,8 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
                   residual: torch.Tensor | None = None, threshold: float = 0.5, granularity: str = "token",
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                   norm: tuple[torch.Tensor, float] | None = None, force_keep: torch.Tensor | None = None,
-                  plan: RoutingPlan | None = None, training: bool = False, backend: str = "auto"
+                  plan: RoutingPlan | None = None, training: bool = False,
+                  adapter: Callable[[torch.Tensor], torch.Tensor] | None = None, backend: str = "auto"
                   ) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """One MindSkip sub-layer on normalized states z [B, N, D].
 
@@ -77,11 +78,14 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
 
     `force_keep` [B, N] bool: tokens kept whatever their score (see `route`). `plan`: a decision already made
     (e.g. a sequence's stored prefill decision, `RoutingPlan.from_keep`) instead of the router's.
-    `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. Returns
-    (out, plan, keep_rate): out = residual (or zeros) with the kept rows += attention. With `training`, the
-    hard decision carries the straight-through gradient (forward value exactly 1 on kept rows, d/dscore = 1)
-    and keep_rate is the fraction of real tokens kept, as a tensor through which a sparsity loss reaches the
-    router; in inference keep_rate is None (no extra work on the hot path: derive it from plan.keep).
+    `attend(packed_z [T, D], plan) -> [T, D]` computes attention for the kept tokens. `adapter(packed_z [S, D])
+    -> [S, D]`: the update of the S skipped real tokens (adapter.SkipAdapter), gathered (and normalized) like the
+    kept rows and scattered with the complement plan; None leaves them unchanged. Returns (out, plan, keep_rate):
+    out = residual (or zeros) with the kept rows += attention (and the skipped ones += adapter). With `training`,
+    the hard decision carries the straight-through gradient (forward value exactly 1 on kept rows, d/dscore = 1;
+    the adapter's rows are scaled by 1 - gate) and keep_rate is the fraction of real tokens kept, as a tensor
+    through which a sparsity loss reaches the router; in inference keep_rate is None (no extra work on the hot
+    path: derive it from plan.keep).
     """
     if norm is not None:
         norm = check.norm(norm, z)
@@ -95,8 +99,14 @@ def routed_update(z: torch.Tensor, router_weight: torch.Tensor, attend: Attend, 
     if residual is not None:
         check.shape_match("residual", residual, tuple(z.shape), "the shape of hidden_states")
     gate, keep_rate = straight_through_gate(plan, attention_mask) if training else (None, None)
+    if adapter is not None:
+        rest = plan.skipped(attention_mask, position_ids, backend=backend)
+        if rest.num_kept:
+            scale = None if gate is None else (1 - gate).reshape(-1).index_select(0, rest.indices)
+            update = adapter(gather(z, rest, norm=norm, backend=backend)).to(base.dtype)
+            base = scatter_add(base, update, rest, scale, backend=backend)
     if plan.num_kept == 0:  # nothing to attend (common in decode): skip the gather/attend/scatter launches
-        return base.clone(), plan, keep_rate
+        return base if base is not residual else base.clone(), plan, keep_rate
     values = attend(gather(z, plan, norm=norm, backend=backend), plan)
     scale = None if gate is None else gate.reshape(-1).index_select(0, plan.indices)
     out = scatter_add(base, values.to(base.dtype), plan, scale, backend=backend)

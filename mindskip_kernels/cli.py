@@ -32,11 +32,13 @@ from collections.abc import Iterator
 import torch
 
 from mindskip_kernels._checks import GRANULARITIES, KV_RULES, TARGETS
+from mindskip_kernels.adapter import ADAPTERS
 from mindskip_kernels.fitting import CALIBRATION_ITEMS, DEFAULT_METHOD, FINE_TUNE_STEPS, METHODS
 
 # `mindskip tune`'s K/V rule (apply_mindskip's default stays the paper's "kept"): "all" loses far less at the same
 # keep rate (README results, docs/tuning.md), for the skipped tokens' K/V projections and no cache saved
 DEFAULT_KV = "all"
+DEFAULT_ADAPTER = "none"  # set by the measurement: docs/tuning.md
 # what a command reports as bad input (one line, exit 2) rather than as a bug (a traceback): ValueError covers
 # UnicodeDecodeError and json.JSONDecodeError, OSError the file errors, ImportError a missing optional dependency
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -183,6 +185,10 @@ def _parse_layers(value: str | None) -> int | list[int] | None:
         raise ValueError(f"--layers must be an int or a comma-separated list of ints, got {value!r}") from None
 
 
+def _adapter(value: str) -> str | None:
+    return None if value == "none" else value
+
+
 def _tune(args: argparse.Namespace) -> int:
     from mindskip_kernels.fitting import fit_then_tune
     from mindskip_kernels.integrations.hf import apply_mindskip, mindskip_layers, save_routers
@@ -198,28 +204,33 @@ def _tune(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=layers, threshold=args.threshold,
                    granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
-                   target=args.target, kv=args.kv)
+                   target=args.target, kv=args.kv, adapter=_adapter(args.adapter), adapter_rank=args.adapter_rank)
     fit, history = fit_then_tune(model, data, tokenizer, method=args.method, keep=args.keep,
                                  calibration=calibration, calibration_items=args.calibration_items,
                                  rule=args.rule, steps=args.steps, batch_size=args.batch_size,
                                  grad_accum=args.grad_accum, lr=args.lr, sparsity_weight=args.sparsity_weight,
                                  target_capacity=args.target_capacity, max_length=args.max_length,
-                                 precision=args.precision, seed=args.seed)
+                                 precision=args.precision, seed=args.seed, tune_adapters=args.tune_adapters)
     rank, world = distributed()
     if rank == 0:
         info = {"method": args.method, "rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr,
                 "seed": args.seed, "sink_tokens": args.sink_tokens, "target": args.target, "kv": args.kv,
-                "data": os.fspath(args.data)}
+                "adapter": _adapter(args.adapter), "adapter_rank": args.adapter_rank,
+                "tune_adapters": args.tune_adapters, "data": os.fspath(args.data)}
         if fit is not None:
             info["fit"] = {"seconds": fit.seconds, "r2": {str(i): f.r2 for i, f in fit.layers.items()},
                            "samples": {str(i): f.samples for i, f in fit.layers.items()}}
+            if _adapter(args.adapter):
+                info["fit"]["adapter_r2"] = {str(i): f.adapter.r2 for i, f in fit.layers.items()}
         with _staged(args.out, directory=True) as out:
             save_routers(model, out, info)
             if history:
                 write_log(history, os.path.join(out, "train_log.csv"))
                 plot_history(history, os.path.join(out, "train_curve.png"))
         threshold = next(iter(mindskip_layers(model).values())).mindskip.threshold
-        done = [] if fit is None else [f"fitted {len(fit.layers)} routers in {fit.seconds:.1f} s"]
+        fitted = ("routers" if args.method != "tune" else "") + (" and adapters" if _adapter(args.adapter) else "")
+        done = [] if fit is None else [f"fitted {len(fit.layers)} {fitted.strip().removeprefix('and ')} in "
+                                       f"{fit.seconds:.1f} s"]
         if history:
             last = history[-1]
             done.append(f"trained {len(history)} steps on {world} process(es): loss {last['loss']:.4f}, training "
@@ -458,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--kv", choices=KV_RULES, default=DEFAULT_KV,
                       help=f"K/V rule (default {DEFAULT_KV}): all = a skipped token keeps its K/V, only its query is "
                            f"skipped (better quality, no cache saved); kept = the paper's (it writes no K/V)")
+    tune.add_argument("--adapter", choices=("none", *ADAPTERS), default=DEFAULT_ADAPTER,
+                      help=f"a skipped token's update (default {DEFAULT_ADAPTER}): linear = x + U V^T z + b fit in "
+                           f"closed form to the dense model's update (see docs/tuning.md), mean = x + b, none = x")
+    tune.add_argument("--adapter-rank", type=int, default=None, help="rank of the linear adapter (default: full)")
+    tune.add_argument("--tune-adapters", action="store_true",
+                      help="Router-Tuning also trains the adapters (from their fit), not only the routers")
     tune.add_argument("--sink-tokens", type=int, default=1,
                       help="token granularity: the first N real tokens always run attention (attention sinks; "
                            "0 = the paper's semantics)")

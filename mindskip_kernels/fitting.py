@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mindskip_kernels import _checks as check
+from mindskip_kernels.adapter import AdapterFit, AdapterStats, SkipAdapter
 from mindskip_kernels.data import Data, as_items, collate
 from mindskip_kernels.tuning import calibrate, distributed, router_tune
 
@@ -40,10 +42,11 @@ CALIBRATION_ITEMS = 64  # training items the global threshold is calibrated on (
 @dataclass
 class LayerFit:
     """One layer's least-squares fit: samples (tokens, or sequences for sequence granularity) and the R^2 of
-    log u on the training data."""
+    log u on the training data (None where only the adapter was fit), and the adapter's fit if it has one."""
 
     samples: int
-    r2: float
+    r2: float | None
+    adapter: AdapterFit | None = None
 
 
 @dataclass
@@ -92,53 +95,29 @@ def _labels(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
 
 
-@torch.no_grad()
-def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int = 4, max_length: int = 512,
-                ridge: float = 1e-4, progress: bool = True) -> FitResult:
-    """Fit the routers of a model patched by `apply_mindskip` to the dense model's signal (module docstring),
-    in place, for every routed layer's target and granularity. Thresholds are untouched: `calibrate` next.
-    data: as for `router_tune`. ridge: the L2 penalty relative to the mean diagonal of the Gram matrix (a
-    tiny one keeps directions that the data never excites at zero)."""
-    from mindskip_kernels.integrations import hf
-
+def _check_fit_args(ridge: float, batch_size: int, max_length: int) -> None:
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    layers = hf.mindskip_layers(model)
-    if not layers:
-        raise ValueError("model has no MindSkip routers: call mindskip_kernels.apply_mindskip(model) first")
-    items = as_items(data, tokenizer, max_length)
+
+
+def _label_pass(model: nn.Module, items: list, targets: dict[int, str], observe, *, batch_size: int,
+                progress: bool, desc: str) -> None:
+    """The dense model's forward over this process's share of `items` with observe(i, x, y, real [B, N] bool)
+    called for each layer in `targets` ({layer: target}; patched layers run their dense forward)."""
+    from mindskip_kernels.integrations import hf
+
     rank, world = distributed()
     mine = items[rank::world]
     device = next(model.parameters()).device
-    moments = {i: LeastSquares(layer.router.weight.shape[1], device) for i, layer in layers.items()}
     real: list[torch.Tensor] = []
-
-    def observe(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        layer = layers[i]
-        z = layer.mindskip.sublayer.router_norm(layer)(x).float()
-        u = _labels(x, y)
-        mask = real[0]
-        if layer.mindskip.granularity == "token":  # attention sinks are kept whatever the router says: not fit
-            decided = mask & (mask.long().cumsum(1) > layer.mindskip.sink_tokens)
-            moments[i].add(z[decided], torch.log(u[decided].clamp_min(EPS)))
-            return
-        weight = mask.float().unsqueeze(-1)
-        count = weight.sum(1).clamp_min(1)
-        has_tokens = mask.any(1)
-        z_mean, u_mean = (z * weight).sum(1) / count, (u * mask).sum(1) / count[:, 0]
-        moments[i].add(z_mean[has_tokens], torch.log(u_mean[has_tokens].clamp_min(EPS)))
-
-    start = time.perf_counter()
     was_training = model.training
     model.eval()
-    targets = {i: layer.mindskip.target for i, layer in layers.items()}
-    bar = tqdm(total=math.ceil(len(mine) / batch_size), desc="fit routers (label pass)",
-               disable=not (progress and rank == 0))
+    bar = tqdm(total=math.ceil(len(mine) / batch_size), desc=desc, disable=not (progress and rank == 0))
     try:
-        with hf.dense_forward(model), hf.observe_sublayers(model, targets, observe):
+        with hf.dense_forward(model), hf.observe_sublayers(model, targets, lambda i, x, y: observe(i, x, y, real[0])):
             for first in range(0, len(mine), batch_size):
                 batch = collate(mine[first : first + batch_size])
                 real[:] = [batch["attention_mask"].to(device).bool()]
@@ -148,13 +127,110 @@ def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int
     finally:
         bar.close()
         model.train(was_training)
+
+
+@torch.no_grad()
+def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int = 4, max_length: int = 512,
+                ridge: float = 1e-4, routers: bool = True, progress: bool = True) -> FitResult:
+    """Fit the routers of a model patched by `apply_mindskip` to the dense model's signal (module docstring),
+    in place, for every routed layer's target and granularity, and in the same label pass the skipped-token
+    adapters of the layers that have one (`apply_mindskip(..., adapter=)`: least squares of the target's update
+    y - x on z over the tokens the router decides; adapter.AdapterStats). Thresholds are untouched: `calibrate`
+    next. data: as for `router_tune`. ridge: the L2 penalty relative to the mean diagonal of the Gram matrix (a
+    tiny one keeps directions that the data never excites at zero). routers=False fits only the adapters (for
+    routers that are then tuned from zero, or loaded)."""
+    from mindskip_kernels.integrations import hf
+
+    _check_fit_args(ridge, batch_size, max_length)
+    layers = hf.mindskip_layers(model)
+    if not layers:
+        raise ValueError("model has no MindSkip routers: call mindskip_kernels.apply_mindskip(model) first")
+    adapters = {i: layer.skip_adapter for i, layer in layers.items() if hasattr(layer, "skip_adapter")}
+    if not routers and not adapters:
+        raise ValueError("routers=False fits only the skipped-token adapters, and no routed layer has one: "
+                         "apply_mindskip(..., adapter='linear' or 'mean')")
+    items = as_items(data, tokenizer, max_length)
+    device = next(model.parameters()).device
+    moments = {i: LeastSquares(layer.router.weight.shape[1], device) for i, layer in layers.items()}
+    stats = {i: AdapterStats(layer.router.weight.shape[1], device) for i, layer in layers.items() if i in adapters}
+
+    def observe(i: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+        layer = layers[i]
+        z = layer.mindskip.sublayer.router_norm(layer)(x).float()
+        decided = mask  # attention sinks are kept whatever the router says: neither routed nor adapted
+        if layer.mindskip.granularity == "token":
+            decided = mask & (mask.long().cumsum(1) > layer.mindskip.sink_tokens)
+        if i in stats:
+            stats[i].add(z[decided], (y.float() - x.float())[decided])
+        if not routers:
+            return
+        u = _labels(x, y)
+        if layer.mindskip.granularity == "token":
+            moments[i].add(z[decided], torch.log(u[decided].clamp_min(EPS)))
+            return
+        weight = mask.float().unsqueeze(-1)
+        count = weight.sum(1).clamp_min(1)
+        has_tokens = mask.any(1)
+        z_mean, u_mean = (z * weight).sum(1) / count, (u * mask).sum(1) / count[:, 0]
+        moments[i].add(z_mean[has_tokens], torch.log(u_mean[has_tokens].clamp_min(EPS)))
+
+    start = time.perf_counter()
+    what = "routers" + (" + adapters" if adapters else "") if routers else "adapters"
+    _label_pass(model, items, {i: layer.mindskip.target for i, layer in layers.items()}, observe,
+                batch_size=batch_size, progress=progress, desc=f"fit {what} (label pass)")
+    _, world = distributed()
     fits = {}
     for i, layer in layers.items():
+        adapter_fit = None
+        if i in stats:
+            if world > 1:
+                stats[i].all_reduce()
+            adapter_fit = stats[i].solve(adapters[i], ridge)
+        if not routers:
+            fits[i] = LayerFit(adapter_fit.samples, None, adapter_fit)
+            continue
         if world > 1:
             moments[i].all_reduce()
         w, fits[i] = moments[i].solve(ridge)
+        fits[i].adapter = adapter_fit
         layer.router.weight.copy_(w.to(layer.router.weight.dtype).unsqueeze(0))
     return FitResult(fits, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def fit_replacement(model: nn.Module, data: Data, layers: list[int], tokenizer=None, *, target: str = "block",
+                    adapter: str = "linear", adapter_rank: int | None = None, batch_size: int = 4,
+                    max_length: int = 512, ridge: float = 1e-4, progress: bool = True) -> dict[int, SkipAdapter]:
+    """Static linear replacement (ReplaceMe-style, the rival of routing with an adapter): for each of `layers`
+    of an unpatched model, the map of `target`'s RMSNorm output to its update on every real token, fit on the
+    dense model like `fit_routers`' adapters. `layer_drop.drop_sublayers(..., replacement=)` puts them in place
+    of the dropped sub-layers."""
+    from mindskip_kernels.integrations import hf
+    from mindskip_kernels.integrations.hf.sublayers import SUBLAYERS
+
+    _check_fit_args(ridge, batch_size, max_length)
+    sublayer = SUBLAYERS[check.target(target), "kept"]  # the norm its router would read; no K/V rule involved
+    all_layers = hf.base_model(model).layers
+    layers = hf.choose_layers(len(all_layers), list(layers))
+    if not layers:
+        raise ValueError("layers is empty: give the decoder layers whose target to replace")
+    ref = sublayer.router_norm(all_layers[layers[0]]).weight
+    maps = {i: SkipAdapter(ref.shape[0], adapter, adapter_rank, device=ref.device, dtype=ref.dtype) for i in layers}
+    stats = {i: AdapterStats(ref.shape[0], ref.device) for i in layers}
+
+    def observe(i: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+        z = sublayer.router_norm(all_layers[i])(x).float()
+        stats[i].add(z[mask], (y.float() - x.float())[mask])
+
+    items = as_items(data, tokenizer, max_length)
+    _label_pass(model, items, dict.fromkeys(layers, target), observe, batch_size=batch_size, progress=progress,
+                desc="fit replacements (label pass)")
+    _, world = distributed()
+    for i in layers:
+        if world > 1:
+            stats[i].all_reduce()
+        stats[i].solve(maps[i], ridge)
+    return maps
 
 
 def fit_then_tune(model: nn.Module, data: Data, tokenizer=None, *, method: str = DEFAULT_METHOD,
@@ -165,7 +241,11 @@ def fit_then_tune(model: nn.Module, data: Data, tokenizer=None, *, method: str =
     """Set the routers of a patched model by `method` (METHODS) and calibrate the global threshold to `keep` on
     `calibration` (default: the first `calibration_items` training items). "fit+tune" fits, calibrates, then
     runs `steps` (default FINE_TUNE_STEPS) Router-Tuning steps from there; "tune" is `router_tune` as it is
-    (steps default: one pass). tune_kwargs go to `router_tune`. Returns (the fit or None, the training log)."""
+    (steps default: one pass), after fitting the layers' skipped-token adapters if they have them (the routers
+    then train with the adapters in the forward). tune_kwargs go to `router_tune` (e.g. tune_adapters=True).
+    Returns (the fit or None, the training log)."""
+    from mindskip_kernels.integrations import hf
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if keep is None and method != "tune":
@@ -179,6 +259,9 @@ def fit_then_tune(model: nn.Module, data: Data, tokenizer=None, *, method: str =
     if method != "tune":
         fit = fit_routers(model, items, batch_size=batch_size, max_length=max_length, progress=progress)
         calibrate(model, calib, keep, batch_size=batch_size, max_length=max_length, progress=progress)
+    elif any(hasattr(layer, "skip_adapter") for layer in hf.mindskip_layers(model).values()):
+        fit = fit_routers(model, items, batch_size=batch_size, max_length=max_length, routers=False,
+                          progress=progress)
     history = []
     if method != "fit":
         steps = steps if steps is not None or method == "tune" else FINE_TUNE_STEPS

@@ -74,9 +74,22 @@ def _block_free_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
     return hidden_states
 
 
-def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "attention") -> nn.Module:
+def _replaced_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Decoder layer forward with its target sub-layer replaced by the fitted map on every token:
+    x + skip_adapter(z), z the target's RMSNorm output (what runs before and after the target, as routed)."""
+    from mindskip_kernels.integrations.hf.sublayers import SUBLAYERS
+
+    sublayer = SUBLAYERS[self.dropped, "kept"]
+    x = sublayer.prepare(self, hidden_states, **kwargs)
+    return sublayer.finish(self, x + self.skip_adapter(sublayer.router_norm(self)(x)).to(x.dtype))
+
+
+def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "attention",
+                   replacement: dict[int, nn.Module] | None = None) -> nn.Module:
     """Remove the `target` sub-layer ("attention", "mlp" or the whole "block") of the given decoder layers (in
-    place; the model is returned).
+    place; the model is returned). `replacement` ({layer: adapter.SkipAdapter}, e.g. `fitting.fit_replacement`):
+    the static linear replacement (ReplaceMe-style), each dropped target's update replaced by its map of the
+    target's RMSNorm output for every token (attached as the layer's `skip_adapter`).
 
     Layers patched by `apply_mindskip` or already dropped cannot be dropped (reload the model). A layer whose
     attention is dropped ("attention", "block") stores no K/V; generation with a cache needs layer 0 to keep its
@@ -90,9 +103,14 @@ def drop_sublayers(model: nn.Module, layers: Sequence[int], target: str = "atten
     if bad:
         raise ValueError(f"layers must be decoder layer indices in [0, {len(all_layers) - 1}], got {bad}")
     _check_unchanged(all_layers, chosen, "drop sub-layers")
+    if replacement is not None and sorted(replacement) != chosen:
+        raise ValueError(f"replacement must map exactly the dropped layers {chosen}, got {sorted(replacement)}")
     forward = {"attention": _attention_free_forward, "mlp": dense_attention, "block": _block_free_forward}[target]
     for i in chosen:
-        all_layers[i].forward = types.MethodType(forward, all_layers[i])
+        if replacement is not None:
+            all_layers[i].skip_adapter = replacement[i]
+        all_layers[i].forward = types.MethodType(forward if replacement is None else _replaced_forward,
+                                                 all_layers[i])
         all_layers[i].dropped = target
     return model
 
@@ -148,14 +166,25 @@ def layers_to_drop_by_similarity(similarity: dict[int, float], *, n: int | None 
 
 def layer_drop(model: nn.Module, data: Data, tokenizer=None, *, target: str = "attention", n: int | None = None,
                keep: float | None = None, layers: Sequence[int] | None = None, batch_size: int = 4,
-               max_length: int = 512) -> list[int]:
+               max_length: int = 512, adapter: str | None = None, adapter_rank: int | None = None) -> list[int]:
     """Training-free Attention / MLP / Block Drop: remove the `n` `target` sub-layers (or all but the fraction
     `keep`) with the highest input/output cosine similarity on `data`, among `layers` (default: the paper's
-    routed layers). Returns the dropped layer indices, ascending."""
+    routed layers). adapter "linear" / "mean" (rank adapter_rank): the static linear replacement instead, each
+    dropped sub-layer replaced by its map fit on `data` (`fitting.fit_replacement`). Returns the dropped layer
+    indices, ascending."""
+    from mindskip_kernels.adapter import check_adapter
+    from mindskip_kernels.fitting import fit_replacement
+
+    check_adapter(adapter, adapter_rank, _layers(model)[0].input_layernorm.weight.shape[0])
     similarity = sublayer_similarity(model, data, tokenizer, target=target, layers=layers, batch_size=batch_size,
                                      max_length=max_length)
     chosen = layers_to_drop_by_similarity(similarity, n=n, keep=keep)
-    drop_sublayers(model, chosen, target)
+    replacement = None
+    if adapter is not None and chosen:
+        replacement = fit_replacement(model, data, chosen, tokenizer, target=target, adapter=adapter,
+                                      adapter_rank=adapter_rank, batch_size=batch_size, max_length=max_length,
+                                      progress=False)
+    drop_sublayers(model, chosen, target, replacement)
     return chosen
 
 

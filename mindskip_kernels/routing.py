@@ -62,6 +62,13 @@ class RoutingPlan:
         indices, cu_seqlens, kept_positions, max_seqlen = compact(keep, positions, backend=backend)
         return cls(scores.float(), keep, indices, cu_seqlens, kept_positions, max_seqlen)
 
+    def skipped(self, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                backend: str = "auto") -> RoutingPlan:
+        """The plan of the real tokens this plan does not keep (where a skipped token's adapter runs), compacted
+        like `from_keep`; attention_mask / position_ids as in `route`."""
+        real = _padding_mask(attention_mask, self.batch_size, self.seq_len, self.keep.device)
+        return RoutingPlan.from_keep(~self.keep & real, position_ids, scores=self.scores, backend=backend)
+
     @classmethod
     def all_tokens(cls, batch: int, seq_len: int, position_ids: torch.Tensor | None = None, *,
                    device: torch.device | str = "cpu") -> RoutingPlan:

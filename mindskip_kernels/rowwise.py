@@ -3,10 +3,15 @@ projection of a decode step (`predicated_linear`: a skipped row reads no weight)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels.backends import needs_grad, resolve
+
+Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]  # a decode step's linear on its rows (predicated)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:

@@ -105,8 +105,9 @@ def router_tune(model: nn.Module, data: Data, tokenizer=None, *, keep: float | N
                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_ratio: float = 0.03,
                 sparsity_weight: float = 0.0, target_capacity: float | None = None, max_length: int = 512,
                 precision: str = "fp32", calibration: Data | None = None, calibration_items: int = 16,
-                seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
-    """Train the routers of a model patched by `apply_mindskip`; everything else stays frozen.
+                seed: int = 0, tune_adapters: bool = False, progress: bool = True) -> list[dict[str, float]]:
+    """Train the routers of a model patched by `apply_mindskip`; everything else stays frozen (the layers'
+    skipped-token adapters too, unless `tune_adapters`: then they train with the routers, from their fit).
 
     keep: the fraction of routed sub-layers (layer x token pairs; attention, MLP or block by the layers' target)
     to run, in (0, 1]. Training follows it with one global threshold (the quantile of the last step's scores),
@@ -157,6 +158,12 @@ def router_tune(model: nn.Module, data: Data, tokenizer=None, *, keep: float | N
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     params = [layer.router.weight for layer in layers.values()]
+    if tune_adapters:
+        adapters = [layer.skip_adapter for layer in layers.values() if hasattr(layer, "skip_adapter")]
+        if not adapters:
+            raise ValueError("tune_adapters=True, but no routed layer has a skipped-token adapter: "
+                             "apply_mindskip(..., adapter='linear' or 'mean')")
+        params += [p for adapter in adapters for p in adapter.parameters()]
     for p in params:
         p.requires_grad_(True)
     for layer in layers.values():

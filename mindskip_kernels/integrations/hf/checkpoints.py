@@ -11,6 +11,7 @@ from torch import nn
 
 from mindskip_kernels import _checks as check
 from mindskip_kernels._checks import TARGETS
+from mindskip_kernels.adapter import SkipAdapter
 from mindskip_kernels.integrations.hf.model import (
     base_model,
     check_supported,
@@ -21,6 +22,7 @@ from mindskip_kernels.integrations.hf.model import (
 from mindskip_kernels.integrations.hf.patching import apply_mindskip
 
 ROUTERS_FILE = "routers.safetensors"
+ADAPTER_KEY = "skip_adapter"  # the adapter's module name on a routed layer (state-dict prefix)
 META_FILE = "mindskip.json"
 
 
@@ -28,7 +30,8 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     """Write the routers (`routers.safetensors`, keys `model.layers.{i}.router.weight`) and `mindskip.json`
     into directory `path`: layers, each layer's threshold, granularity, target and K/V rule (`thresholds`,
     `granularities`, `targets`, `kv`, by layer index), `threshold` / `granularity` when every layer has the same
-    (else null), and under "tuning" the JSON-serialisable `info` (how they were tuned)."""
+    (else null), the skipped-token adapters (`adapters`: {layer: {kind, rank}}, tensors
+    `model.layers.{i}.skip_adapter.*`), and under "tuning" the JSON-serialisable `info` (how they were tuned)."""
     from safetensors.torch import save_file
 
     layers = mindskip_layers(model)
@@ -37,6 +40,11 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     os.makedirs(path, exist_ok=True)
     tensors = {f"model.layers.{i}.router.weight": layer.router.weight.detach().cpu().contiguous()
                for i, layer in layers.items()}
+    adapters = {i: layer.skip_adapter for i, layer in layers.items() if hasattr(layer, "skip_adapter")}
+    hidden = next(iter(tensors.values())).shape[1]
+    for i, adapter in adapters.items():
+        tensors |= {f"model.layers.{i}.{ADAPTER_KEY}.{k}": v.detach().cpu().contiguous()
+                    for k, v in adapter.state_dict().items()}
     save_file(tensors, os.path.join(path, ROUTERS_FILE))
     thresholds = {str(i): layer.mindskip.threshold for i, layer in layers.items()}
     granularities = {str(i): layer.mindskip.granularity for i, layer in layers.items()}
@@ -49,19 +57,23 @@ def save_routers(model: nn.Module, path: str | os.PathLike, info: dict | None = 
     meta = {"layers": sorted(layers), "threshold": common(thresholds), "granularity": common(granularities),
             "thresholds": thresholds, "granularities": granularities, "targets": targets, "kv": kv_rules,
             "sink_tokens": max(layer.mindskip.sink_tokens for layer in layers.values()),
-            "model_type": model_type(model),
-            "hidden_size": next(iter(tensors.values())).shape[1]}
+            "model_type": model_type(model), "hidden_size": hidden,
+            "adapters": {str(i): {"kind": a.kind, "rank": a.rank} for i, a in adapters.items()}}
     if info:
         meta["tuning"] = info
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
 
+Adapter = tuple[str, "int | None", dict[str, torch.Tensor]]  # kind, rank, state dict
+
+
 def _read_routers(path: str | os.PathLike
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int, str, str]] | None, str]:
-    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens, target, kv)} or None for a bare
-    state-dict file, the file named in errors). Files written before targets (K/V rules) existed route attention
-    (under kv="kept")."""
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, str, int, str, str, Adapter | None]]
+                             | None, str]:
+    """({layer: router weight}, {layer: (threshold, granularity, sink_tokens, target, kv, adapter or None)} or
+    None for a bare state-dict file, the file named in errors). Files written before targets (K/V rules,
+    adapters) existed route attention (under kv="kept", without an adapter)."""
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
@@ -79,14 +91,20 @@ def _read_routers(path: str | os.PathLike
                                     f"missing {f}")
     with open(meta_file) as f:
         meta = json.load(f)
-    weights = {int(k.split(".")[2]): v for k, v in load_file(weights_file).items()}
+    tensors = load_file(weights_file)
+    weights = {int(k.split(".")[2]): v for k, v in tensors.items() if k.endswith(".router.weight")}
+    adapters: dict[int, Adapter] = {}
+    for i, spec in meta.get("adapters", {}).items():
+        prefix = f"model.layers.{i}.{ADAPTER_KEY}."
+        adapters[int(i)] = (spec["kind"], spec["rank"],
+                            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
     if sorted(weights) != sorted(meta["layers"]):
         raise ValueError(f"{weights_file} holds routers of layers {sorted(weights)} but {meta_file} lists "
                          f"{meta['layers']}")
     per_layer = {i: (meta.get("thresholds", {}).get(str(i), meta.get("threshold")),
                      meta.get("granularities", {}).get(str(i), meta.get("granularity")),
                      meta.get("sink_tokens", 0), meta.get("targets", {}).get(str(i), "attention"),
-                     meta.get("kv", {}).get(str(i), "kept")) for i in weights}
+                     meta.get("kv", {}).get(str(i), "kept"), adapters.get(i)) for i in weights}
     return weights, per_layer, meta_file
 
 
@@ -102,6 +120,8 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
     else "attention"); a layer the model already routes for another target is refused (ValueError naming
     both). The K/V rule likewise comes from the metadata ("kept" before rules existed; a bare file keeps an
     existing patch's, else "kept"); `kv` overrides it (a router tuned under one rule can run under the other).
+    The skipped-token adapters come with a directory's routers (a layer saved without one gets none); a bare file
+    leaves a layer's existing adapter as it is.
 
     Everything is checked before the model is touched: on an error the model is exactly as it was."""
     if granularity is not None:
@@ -124,11 +144,19 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
                              f", the model needs a float [1, {hidden}] (hidden size {hidden})")
         old = patched[i].mindskip if i in patched else None
         if per_layer is not None:
-            threshold, gran, sink, target, rule = per_layer[i]
-        else:
+            threshold, gran, sink, target, rule, adapter = per_layer[i]
+        else:  # a bare file: the routers only (an existing adapter stays as it is)
             threshold, gran, sink, target, rule = ((old.threshold, old.granularity, old.sink_tokens, old.target,
                                                     old.kv) if old is not None else (0.5, "sequence", 0, "attention",
                                                                                       "kept"))
+            current = getattr(patched[i], ADAPTER_KEY, None) if i in patched else None
+            adapter = None if current is None else (current.kind, current.rank, None)
+        if adapter is not None and adapter[2] is not None:  # the adapter's tensors fit its kind, rank and size
+            try:
+                SkipAdapter(hidden, adapter[0], adapter[1]).load_state_dict(adapter[2])
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"{source}: the skipped-token adapter of layer {i} does not match its metadata "
+                                 f"(kind {adapter[0]!r}, rank {adapter[1]}, hidden size {hidden}): {e}") from None
         if target not in TARGETS:
             raise ValueError(f"{source}: layer {i} has target {target!r}, expected one of {TARGETS}")
         if old is not None and old.target != target:
@@ -143,9 +171,13 @@ def load_routers(model: nn.Module, path: str | os.PathLike, backend: str | None 
             raise ValueError(f"{source}: layer {i}: {e}") from None
         settings[i] = dict(threshold=check.threshold(threshold), granularity=gran, backend=layer_backend,
                            sink_tokens=check.sink_tokens(sink), target=target, kv=rule,
-                           host_compact=old.host_compact if old is not None else True)
+                           host_compact=old.host_compact if old is not None else True,
+                           adapter=None if adapter is None else adapter[0],
+                           adapter_rank=None if adapter is None else adapter[1])
     for i, layer_settings in settings.items():
         apply_mindskip(model, layers=[i], **layer_settings)
         with torch.no_grad():
             base.layers[i].router.weight.copy_(weights[i])
+            if per_layer is not None and per_layer[i][5] is not None:
+                base.layers[i].skip_adapter.load_state_dict(per_layer[i][5][2])
     return model

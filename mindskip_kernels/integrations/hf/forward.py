@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mindskip_kernels.adapter import SkipAdapter
 from mindskip_kernels.attention import Attend, routed_update, straight_through_gate
 from mindskip_kernels.backends import find
 from mindskip_kernels.integrations.hf.cache import MindSkipCache, RoutingState
@@ -40,6 +41,11 @@ class Routed:
     decision: torch.Tensor | None = None
 
 
+def skip_adapter(layer: nn.Module) -> SkipAdapter | None:
+    """The layer's skipped-token adapter (`apply_mindskip(..., adapter=)`), or None: skipped tokens pass."""
+    return getattr(layer, "skip_adapter", None)
+
+
 def _update(layer: nn.Module, call: LayerCall, fn: Attend, training: bool = False,
             plan: RoutingPlan | None = None) -> tuple[torch.Tensor, RoutingPlan, torch.Tensor | None]:
     """`routed_update` of the layer's target on call.x: the router reads the target's RMSNorm (fused into the
@@ -50,7 +56,8 @@ def _update(layer: nn.Module, call: LayerCall, fn: Attend, training: bool = Fals
     return routed_update(x if st.fuse_norm else ln(x), layer.router.weight, fn, residual=x,
                          norm=(ln.weight, ln.variance_epsilon) if st.fuse_norm else None, threshold=st.threshold,
                          granularity=st.granularity, attention_mask=call.real, position_ids=call.position_ids,
-                         force_keep=call.sinks, plan=plan, training=training, backend=st.backend)
+                         force_keep=call.sinks, plan=plan, training=training, adapter=skip_adapter(layer),
+                         backend=st.backend)
 
 
 def prefill(layer: nn.Module, call: LayerCall, training: bool = False) -> Routed:
@@ -69,7 +76,12 @@ def every_token(layer: nn.Module, call: LayerCall) -> Routed:
                  force_keep=call.sinks, backend=st.backend)
     out = st.sublayer.every_token(layer, call, z, plan)
     gate, keep_rate = straight_through_gate(plan, call.real)
-    return Routed(call.x + gate.unsqueeze(-1).to(out.dtype) * out, plan.scores, plan.keep, keep_rate)
+    hidden = call.x + gate.unsqueeze(-1).to(out.dtype) * out
+    adapter = skip_adapter(layer)
+    if adapter is not None:  # the skipped real rows' update: 1 - gate is exactly 1 there, 0 on kept rows
+        rest = 1 - gate if call.real is None else (1 - gate) * call.real
+        hidden = hidden + rest.unsqueeze(-1).to(out.dtype) * adapter(z).to(out.dtype)
+    return Routed(hidden, plan.scores, plan.keep, keep_rate)
 
 
 # the training forward of each rule (design.md s.1); inference is the same for every rule
@@ -135,6 +147,23 @@ def _decode_add(x: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor | None, 
     return torch.where(keep.view(batch, 1, 1), x + out.unsqueeze(1), x)
 
 
+def _decode_adapter(hidden: torch.Tensor, z: torch.Tensor, passed: torch.Tensor, device_path: bool,
+                    adapter: SkipAdapter, backend: str) -> torch.Tensor:
+    """hidden + adapter(z) on a decode step's skipped real rows (`passed` [B]: True where a row is kept or
+    padding, which the adapter leaves alone). The device path runs every row with the add predicated on the flag
+    (at batch 1 the predicated projection: a kept row reads no adapter weight); the CPU path compacts the
+    skipped rows on the host."""
+    batch = hidden.shape[0]
+    if device_path:
+        update = adapter(z[:, 0], decode_projection(backend, ~passed, z)).to(hidden.dtype)
+        return torch.where(passed.view(batch, 1, 1), hidden, hidden + update.unsqueeze(1))
+    rows = (~passed).nonzero()[:, 0]
+    if not rows.numel():
+        return hidden
+    update = adapter(z[:, 0].index_select(0, rows)).to(hidden.dtype)
+    return hidden.view(batch, -1).index_add(0, rows, update).view_as(hidden)
+
+
 def decode_step(layer: nn.Module, call: LayerCall, state: RoutingState) -> Routed:
     """One new token per sequence. The device path has fixed shapes and no host read: every row goes through
     with a device keep flag [B] (skipped rows take no cache slot, read no cache and stay bit-identical: the add
@@ -150,6 +179,10 @@ def decode_step(layer: nn.Module, call: LayerCall, state: RoutingState) -> Route
     # nothing kept on the CPU path: no projection, no cache access (unless a skipped row still writes its K/V)
     if rows is None or rows.numel() or st.sublayer.writes_skipped:
         hidden = _decode_add(call.x, keep, rows, st.sublayer.decode(layer, call, z, keep, rows, project))
+    adapter = skip_adapter(layer)
+    if adapter is not None:
+        hidden = _decode_adapter(hidden, z, keep if call.real is None else keep | ~call.real[:, 0], rows is None,
+                                 adapter, st.backend)
     return Routed(hidden, scores, keep.unsqueeze(1), decision=decision)
 
 

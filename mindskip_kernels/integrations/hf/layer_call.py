@@ -3,15 +3,13 @@ routed sub-layers and K/V rules share: the q/k/v projections of rows and RoPE at
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mindskip_kernels.integrations.hf.cache import RoutedKVLayer
-
-Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]  # a decode step's linear on its rows
+from mindskip_kernels.rowwise import Project
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from mindskip_kernels import _checks as check
+from mindskip_kernels.adapter import SkipAdapter, check_adapter
 from mindskip_kernels.integrations.hf.forward import routed_layer_forward
 from mindskip_kernels.integrations.hf.generation import install_hooks
 from mindskip_kernels.integrations.hf.model import base_model, check_supported, choose_layers, mindskip_layers
@@ -19,7 +20,8 @@ from mindskip_kernels.integrations.hf.sublayers import SUBLAYERS
 
 def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, threshold: float = 0.5,
                    granularity: str = "token", backend: str = "auto", *, sink_tokens: int = 0,
-                   target: str = "attention", kv: str = "kept", host_compact: bool = True) -> nn.Module:
+                   target: str = "attention", kv: str = "kept", host_compact: bool = True,
+                   adapter: str | None = None, adapter_rank: int | None = None) -> nn.Module:
     """Add a zero-initialised MindSkip router to chosen decoder layers of a transformers causal LM.
 
     layers: None = the paper's choice (the last half of the layers before the final one), an int n = the
@@ -34,7 +36,10 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     target) - every token writes its K/V, a kept token attends to all earlier tokens, a skipped one computes no
     query, attention or o_proj (block: no MLP): better quality, no cache memory saved. host_compact: on the
     CPU, decode steps compact the kept rows on the host (free there); False runs the fixed-shape device path
-    that accelerators run. Returns the same model, patched in place.
+    that accelerators run. adapter (design.md s.1): None, a skipped token passes the target unchanged (the
+    paper's); "linear", it gets x + U V^T z + b (z the router's input; full rank when adapter_rank is None, else
+    rank adapter_rank); "mean", x + b. The adapter (`layer.skip_adapter`, zero until `fitting.fit_routers` fits it
+    to the dense model's update) is saved with the routers. Returns the same model, patched in place.
     """
     check_supported(model)
     threshold = check.threshold(threshold)
@@ -46,6 +51,7 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
     if not isinstance(host_compact, bool):
         raise TypeError(f"host_compact must be a bool, got {type(host_compact).__name__}")
     base = base_model(model)
+    adapter, adapter_rank = check_adapter(adapter, adapter_rank, base.layers[0].input_layernorm.weight.shape[0])
     chosen = choose_layers(len(base.layers), layers)
     dropped = [i for i in chosen if hasattr(base.layers[i], "dropped")]
     if dropped:
@@ -59,10 +65,24 @@ def apply_mindskip(model: nn.Module, layers: int | list[int] | None = None, thre
             ref = layer.input_layernorm.weight
             layer.router = nn.Linear(ref.shape[0], 1, bias=False, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(layer.router.weight)
+        _set_adapter(layer, adapter, adapter_rank)
         layer.mindskip = LayerState(i, threshold, granularity, backend, base._mindskip_state, sublayer,
                                     sink_tokens=sink_tokens, host_compact=host_compact)
         layer.forward = types.MethodType(routed_layer_forward, layer)
     return model
+
+
+def _set_adapter(layer: nn.Module, kind: str | None, rank: int | None) -> None:
+    """Give the layer a zero skipped-token adapter of that kind and rank (an existing one of the same kind and
+    rank is kept: re-patching does not lose a fit), or remove it (kind None)."""
+    old = getattr(layer, "skip_adapter", None)
+    if old is not None and (old.kind, old.rank) == (kind, rank):
+        return
+    if old is not None:
+        del layer.skip_adapter
+    if kind is not None:
+        ref = layer.router.weight
+        layer.skip_adapter = SkipAdapter(ref.shape[1], kind, rank, device=ref.device, dtype=ref.dtype)
 
 
 @contextlib.contextmanager
