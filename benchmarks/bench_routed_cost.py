@@ -14,11 +14,15 @@ For each model, prompt shape and routed configuration (target x K/V rule), every
   every token's K/V projections, the kept rows' q / o projections (and MLP for a block) and SDPA of their queries
   over every key with the causal-by-position boolean mask); and the static drop a user would pick instead, the
   removed-work layers in round(f x routed layers) of the routed layers and the rest dense.
+With --adapters (a skipped-token adapter per routed layer), the skipped rows of the ideal, the removed work and the
+static drop get the same adapter (the static drop is then the static linear replacement): the work left includes
+the adapter's.
 Reported per point: median ms over rounds, and per-round ratios (median [p20, p80]) against dense, against the
 ideal ("of ideal" = ideal / routed time), and "of drop's saving" = (dense - routed) / (dense - drop) on the medians.
 
     python benchmarks/bench_routed_cost.py                                  # SmolLM2-135M (offline) + cpu-small
     python benchmarks/bench_routed_cost.py --model smollm2 --shapes 4x128 1x2048 --configs block-all
+    python benchmarks/bench_routed_cost.py --model smollm2 --configs block-all --adapters none linear linear:64
     python benchmarks/bench_routed_cost.py --smoke                          # tiny model, a few seconds (CI)
 
 Targets (issue 25): all kept >= 0.97x dense; all skipped >= 0.97x of removed work; at f = 25/50/75 % the time
@@ -40,6 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import Row, device_name, percentiles, print_table, write_csv  # noqa: E402
 from benchmarks.models import IdealLayer, build_model, layers_swapped, mindskip_layers, routed_model  # noqa: E402
+from benchmarks.quality import adapter_spec, adapter_suffix  # noqa: E402
 from mindskip_kernels.integrations.hf import record_routing  # noqa: E402
 
 CONFIGS = {"attention-kept": ("attention", "kept"), "attention-all": ("attention", "all"), "mlp": ("mlp", "kept"),
@@ -79,15 +84,19 @@ def swap_layers(dense: nn.Module, layers: list[nn.Module]):
 
 
 def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int, seq_len: int,
-               rows: list[Row], table: list[list]) -> None:
+               rows: list[Row], table: list[list], spec: tuple[str | None, int | None] = (None, None)) -> None:
     target, kv = CONFIGS[config]
-    routed = routed_model(dense, target, args.backend, kv)
+    routed = routed_model(dense, target, args.backend, kv, *spec)
     routed_idx = sorted(mindskip_layers(routed))
+    adapters = {i: routed.model.layers[i].skip_adapter for i in routed_idx} if spec[0] else {}
+    config += adapter_suffix(spec)
     base = list(dense.model.layers)
     ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
 
     def ideal(kept: int, which: list[int]) -> list[nn.Module]:
-        return [IdealLayer(layer, target, kv, kept, seq_len) if i in which else layer for i, layer in enumerate(base)]
+        """IdealLayer's in `which` (with the routed layers' adapters: for kept=0, the static linear replacement)."""
+        return [IdealLayer(layer, target, kv, kept, seq_len, adapters.get(i)) if i in which else layer
+                for i, layer in enumerate(base)]
 
     thresholds: dict[str, list[float]] = {}
     skipped: dict[str, float] = {}
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=["attention-kept", "attention-all", "mlp",
                                                                      "block-all"])
     p.add_argument("--skip", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--adapters", type=adapter_spec, nargs="+", default=[(None, None)], metavar="SPEC",
+                   help="skipped-token adapters to run each config with (none, mean, linear, linear:RANK); the "
+                        "ideal, removed work and static drop then carry the same adapter on their skipped rows")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="auto")
     p.add_argument("--csv")
@@ -180,8 +192,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for shape in args.shapes:
             batch, seq_len = (int(s) for s in shape.lower().split("x"))
             for config in args.configs:
-                print(f"{model_name} {shape} {config} ({args.repeats} interleaved rounds)", flush=True)
-                run_config(args, dense, model_name, config, batch, seq_len, rows, table)
+                for spec in args.adapters:
+                    print(f"{model_name} {shape} {config}{adapter_suffix(spec)} ({args.repeats} interleaved rounds)",
+                          flush=True)
+                    run_config(args, dense, model_name, config, batch, seq_len, rows, table, spec)
     print(f"\nAll points (CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, prefill, no cache):")
     print_table(HEADERS, table)
     if args.csv:

@@ -86,12 +86,17 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn
     return model.to(device).eval()
 
 
-def routed_model(dense: torch.nn.Module, target: str, backend: str, kv: str = "kept") -> torch.nn.Module:
+def routed_model(dense: torch.nn.Module, target: str, backend: str, kv: str = "kept", adapter: str | None = None,
+                 adapter_rank: int | None = None) -> torch.nn.Module:
     """A copy of `dense` with random routers (scores spread out, so the calibrated thresholds skip real
-    fractions) on the paper's layers, routing `target` under the K/V rule `kv`."""
-    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target, kv=kv)
+    fractions) on the paper's layers, routing `target` under the K/V rule `kv`, with a skipped-token adapter of
+    that kind and rank (random weights: for timing)."""
+    model = mk.apply_mindskip(copy.deepcopy(dense), backend=backend, target=target, kv=kv, adapter=adapter,
+                              adapter_rank=adapter_rank)
     for layer in mindskip_layers(model).values():
         torch.nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+        for p in layer.skip_adapter.parameters() if adapter else ():
+            torch.nn.init.normal_(p, std=0.01)
     return model
 
 
@@ -171,14 +176,26 @@ class IdealLayer(nn.Module):
     kv="kept": the dense sub-layer on the first `kept` tokens (they attend among themselves, as kept tokens do);
     kv="all": every token's K/V projections, then for a fixed spread of `kept` rows their queries over every key
     up to their position (SDPA with that boolean mask, by chunks of 64 queries), o_proj (and the MLP for a
-    block). kept=0: the removed-work layer (the skipped work gone, the K/V projections left under kv="all"). No
-    cache is read or written and no padding is assumed: for timing prefill, and decode steps with kept=0."""
+    block). kept=0: the removed-work layer (the skipped work gone, the K/V projections left under kv="all"). With
+    `adapter` (a SkipAdapter), the other rows get x + adapter(norm(x)), the target's RMSNorm (kept=0: the static
+    linear replacement). No cache is read or written and no padding is assumed: for timing prefill, and decode
+    steps with kept=0."""
 
-    def __init__(self, layer: nn.Module, target: str, kv: str, kept: int, seq_len: int) -> None:
+    def __init__(self, layer: nn.Module, target: str, kv: str, kept: int, seq_len: int,
+                 adapter: nn.Module | None = None) -> None:
         super().__init__()
-        self.layer, self.target, self.kv, self.kept = layer, target, kv, kept
+        self.layer, self.target, self.kv, self.kept, self.adapter = layer, target, kv, kept, adapter
         g = torch.Generator().manual_seed(kept)  # kv="all": a fixed spread of kept rows, positions ascending
-        self.register_buffer("rows", torch.randperm(seq_len, generator=g)[:kept].sort().values, persistent=False)
+        order = torch.randperm(seq_len, generator=g)
+        self.register_buffer("rows", order[:kept].sort().values, persistent=False)
+        self.register_buffer("others", order[kept:].sort().values, persistent=False)
+
+    def _skipped(self, x: torch.Tensor) -> torch.Tensor:
+        """Skipped rows x [B, S, D]: unchanged, or x + adapter(norm(x))."""
+        if self.adapter is None:
+            return x
+        norm = self.layer.post_attention_layernorm if self.target == "mlp" else self.layer.input_layernorm
+        return x + self.adapter(norm(x))
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, **kwargs) -> torch.Tensor:
         x, layer, t = hidden_states, self.layer, self.kept
@@ -187,20 +204,22 @@ class IdealLayer(nn.Module):
             return self._kv_all(x, cos, sin)
         if self.target == "block":
             if t == 0:
-                return x
+                return self._skipped(x)
             head = layer(x[:, :t], position_embeddings=(cos[:, :t], sin[:, :t]))
-            return torch.cat((head, x[:, t:]), 1)
+            return torch.cat((head, self._skipped(x[:, t:])), 1)
         if self.target == "attention":
             if t:
                 head = x[:, :t]
                 head = head + layer.self_attn(layer.input_layernorm(head), (cos[:, :t], sin[:, :t]), None)[0]
-                x = torch.cat((head, x[:, t:]), 1)
+                x = torch.cat((head, self._skipped(x[:, t:])), 1)
+            else:
+                x = self._skipped(x)
             return x + layer.mlp(layer.post_attention_layernorm(x))
         x = x + layer.self_attn(layer.input_layernorm(x), (cos, sin), None)[0]  # mlp target
         if t == 0:
-            return x
+            return self._skipped(x)
         head = x[:, :t]
-        return torch.cat((head + layer.mlp(layer.post_attention_layernorm(head)), x[:, t:]), 1)
+        return torch.cat((head + layer.mlp(layer.post_attention_layernorm(head)), self._skipped(x[:, t:])), 1)
 
     def _kv_all(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Every token's K/V; the kept rows' queries over every key up to their position, o_proj (+ MLP: block)."""
@@ -220,6 +239,8 @@ class IdealLayer(nn.Module):
             if self.target == "block":
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             x = x.index_copy(1, rows, h)
+        if self.adapter is not None and self.others.numel():
+            x = x.index_copy(1, self.others, self._skipped(x[:, self.others]))
         if self.target == "block":
             return x
         return x + layer.mlp(layer.post_attention_layernorm(x))

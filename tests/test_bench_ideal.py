@@ -69,3 +69,33 @@ def test_kv_kept_prefix_is_the_dense_layer_on_the_prefix(layer_inputs):
         out = IdealLayer(layer, "block", "kept", kept=4, seq_len=11)(x, position_embeddings=emb)
         torch.testing.assert_close(out[:, :4], dense(layer, x[:, :4], (cos[:, :4], sin[:, :4])))
         torch.testing.assert_close(out[:, 4:], x[:, 4:])
+
+
+@pytest.mark.parametrize("kept", [0, 5, 11])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_adapter_goes_on_the_skipped_rows_only(layer_inputs, config, kept):
+    """With a skipped-token adapter, the kept rows are as without it and the others get x + adapter(norm(x))
+    where they passed (kept=0: the static linear replacement of the target, layer_drop's)."""
+    from mindskip_kernels.adapter import SkipAdapter
+    from mindskip_kernels.layer_drop import drop_sublayers
+
+    layer, x, emb = layer_inputs
+    target, kv = CONFIGS[config]
+    adapter = SkipAdapter(x.shape[-1], "linear", 3)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    plain = IdealLayer(layer, target, kv, kept=kept, seq_len=11)
+    ideal = IdealLayer(layer, target, kv, kept=kept, seq_len=11, adapter=adapter)
+    skipped = torch.ones(11, dtype=torch.bool)
+    skipped[ideal.rows if kv == "all" else torch.arange(kept)] = False
+    with torch.no_grad():
+        out, without = ideal(x, position_embeddings=emb), plain(x, position_embeddings=emb)
+        torch.testing.assert_close(out[:, ~skipped], without[:, ~skipped])
+        if kept == 0:  # the static linear replacement: drop_sublayers' forward with the map
+            import copy
+
+            model = tiny_model("llama", layers=2)
+            replaced = drop_sublayers(copy.deepcopy(model), [1], target, {1: adapter}).model.layers[1]
+            torch.testing.assert_close(out, replaced(x, position_embeddings=emb, attention_mask=None))
+        elif skipped.any():
+            assert (out[:, skipped] - without[:, skipped]).abs().max() > 1e-3
