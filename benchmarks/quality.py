@@ -236,12 +236,17 @@ def main() -> None:
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), top-1 agreement {agree.top1:.3f}, "
               f"KL {agree.kl:.4f}, speed {fast:.2f}x", flush=True)
 
+    maps: dict[tuple, dict[int, torch.nn.Module]] = {}  # (target, adapter spec) -> every routed layer's map
+
     def dropped(layers: list[int], seed: int, name: str, keep: float, target: str,
                 spec: tuple[str | None, int | None] = (None, None)) -> None:
         replacement = None
-        if spec[0] is not None and layers:  # the static linear replacement: the maps fit like the adapters
-            replacement = fit_replacement(base, train[: args.fit_blocks], layers, target=target, adapter=spec[0],
-                                          adapter_rank=spec[1], batch_size=args.batch_size, progress=False)
+        if spec[0] is not None and layers:  # the static linear replacement: the maps fit like the adapters, on the
+            if (target, spec) not in maps:  # dense model (so one fit of every routed layer serves every choice)
+                maps[target, spec] = fit_replacement(base, train[: args.fit_blocks], layer_ids, target=target,
+                                                     adapter=spec[0], adapter_rank=spec[1],
+                                                     batch_size=args.batch_size, progress=False)
+            replacement = {i: copy.deepcopy(maps[target, spec][i]) for i in layers}
         model = drop_sublayers(copy.deepcopy(base), layers, target, replacement)
         record(name + adapter_suffix(spec), keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids),
                target=target)
