@@ -145,6 +145,7 @@ class AdapterStats:
             if adapter.rank is not None:  # the top-r directions of the fitted updates' covariance W Czz W^T
                 _, vectors = torch.linalg.eigh(weight @ czz @ weight.T)
                 up = vectors[:, -adapter.rank:]
+                up = up * up.gather(0, up.abs().argmax(0, keepdim=True)).sign()  # a fixed sign per direction
                 factors = (up, up.T @ weight)
                 weight = up @ factors[1]
             bias = mean_u - weight @ mean_z

@@ -20,6 +20,7 @@ from mindskip_kernels.layer_drop import drop_sublayers, layer_drop
 from mindskip_kernels.tuning import router_tune
 from tests.harness import backend_params
 from tests.models import (
+    NEW,
     greedy,
     left_padded_prompts,
     randomize_routers,
@@ -262,7 +263,10 @@ def test_batch_one_decode_reads_the_adapter_weights_only_when_skipped(monkeypatc
     monkeypatch.setattr(forward, "decode_projection", spy)
     ids, mask = left_padded_prompts([6], seed=2)
     greedy(model, ids, mask, use_cache=True)
-    assert len(flags) >= 2 and any(bool(f.all()) for f in flags) and any(not bool(f.any()) for f in flags)
+    # per routed layer and step: the layer's projections predicated on keep, then the adapter's on not keep
+    assert len(flags) == 2 * 2 * (NEW - 1)
+    assert all(torch.equal(a, ~b) for a, b in zip(flags[0::2], flags[1::2], strict=True))
+    assert any(bool(f.all()) for f in flags[1::2]) and any(not bool(f.any()) for f in flags[1::2])
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
@@ -376,3 +380,45 @@ def plain_attention(layer, x: torch.Tensor, model) -> torch.Tensor:
     attn, _ = layer.self_attn(layer.input_layernorm(x), attention_mask=None,
                               position_embeddings=model.model.rotary_emb(x, pos))
     return x + attn
+
+
+@pytest.mark.parametrize("target", ["attention", "mlp", "block"])
+def test_nothing_skipped_is_dense_and_everything_skipped_is_the_static_replacement(target):
+    """Threshold 0: the adapter never runs (the dense model exactly); threshold 1: every token takes the adapter,
+    which is the static linear replacement of drop_sublayers with the same maps."""
+    model = _routed(target, "kept", kind=("linear", 3), layers=(1, 2))
+    dense = tiny_model("llama")
+    ids, mask = left_padded_prompts([10, 6], seed=7)
+    maps = {i: copy.deepcopy(model.model.layers[i].skip_adapter) for i in (1, 2)}
+    replaced = drop_sublayers(tiny_model("llama"), [1, 2], target, maps)
+    with torch.no_grad():
+        real = mask.bool()  # padding rows pass a routed block / MLP unchanged: not compared
+        hf.set_thresholds(model, 0.0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real],
+                                   dense(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=2e-5)
+        hf.set_thresholds(model, 1.0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real],
+                                   replaced(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=2e-5)
+
+
+def test_cli_tune_fits_saves_and_loads_the_adapters(tmp_path, saved_model):
+    from mindskip_kernels.cli import main
+    from mindskip_kernels.integrations.hf import load_model
+    from tests.models import RECORDS
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    out = tmp_path / "fit"
+    main(["tune", "--method", "fit", "--model", str(saved_model), "--data", str(data), "--layers", "2", "--keep",
+          "0.5", "--target", "block", "--adapter", "linear", "--adapter-rank", "4", "--batch-size", "2", "--out",
+          str(out)])
+    meta = json.loads((out / hf.META_FILE).read_text())
+    assert meta["adapters"] == {"1": {"kind": "linear", "rank": 4}, "2": {"kind": "linear", "rank": 4}}
+    assert meta["tuning"]["adapter"] == "linear" and set(meta["tuning"]["fit"]["adapter_r2"]) == {"1", "2"}
+    model, _ = load_model(saved_model)
+    mk.load_routers(model, out)
+    assert all(layer.skip_adapter.rank == 4 and layer.skip_adapter.up.weight.abs().sum() > 0
+               for layer in mindskip_layers(model).values())
+    with pytest.raises(SystemExit, match="2"):
+        main(["tune", "--model", str(saved_model), "--data", str(data), "--adapter", "mean", "--adapter-rank", "4",
+              "--out", str(tmp_path / "x")])

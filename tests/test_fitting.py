@@ -138,7 +138,8 @@ def test_cli_fit_writes_routers_that_load_with_the_calibrated_threshold(tmp_path
 
 
 def test_torchrun_fit_equals_one_process(tmp_path, saved_model):
-    """Two gloo processes each read half the data; the all-reduced statistics give the one-process fit."""
+    """Two gloo processes each read half the data; the all-reduced statistics give the one-process fit (routers
+    and skipped-token adapters)."""
     data = tmp_path / "train.txt"
     data.write_text(TEXT)
     source = f"""
@@ -147,9 +148,9 @@ def test_torchrun_fit_equals_one_process(tmp_path, saved_model):
         from mindskip_kernels.fitting import fit_routers
         from mindskip_kernels.integrations.hf import load_model
         model, tok = load_model({str(saved_model)!r})
-        mk.apply_mindskip(model, backend="reference")
+        mk.apply_mindskip(model, backend="reference", adapter="linear", adapter_rank=4)
         fit_routers(model, {str(data)!r}, tok, batch_size=1, max_length=24, progress=False)
-        routers = {{n: p for n, p in model.state_dict().items() if ".router." in n}}
+        routers = {{n: p for n, p in model.state_dict().items() if ".router." in n or ".skip_adapter." in n}}
         torch.save(routers, os.path.join({str(tmp_path)!r}, f"rank{{os.environ.get('RANK', 'single')}}.pt"))
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -157,6 +158,7 @@ def test_torchrun_fit_equals_one_process(tmp_path, saved_model):
     run_script(tmp_path / "fit.py", source, nproc=2)
     run_script(tmp_path / "fit.py", source)
     r0, r1, single = (torch.load(tmp_path / f"rank{r}.pt") for r in ("0", "1", "single"))
+    assert any(".skip_adapter.down." in name for name in single)
     for name in single:
         assert torch.equal(r0[name], r1[name]), name
         torch.testing.assert_close(r0[name], single[name], rtol=1e-5, atol=1e-7)
