@@ -68,12 +68,12 @@ def read_routers(path: str | os.PathLike, *, model_type: str, hidden_size: int,
         if granularity != "token":
             raise ValueError(f"routers {source}: layer {i} routes with granularity {granularity!r}; the vLLM "
                              f"plugin runs token granularity only (a sequence decision would outlive a step)")
-        if kv != "all":
-            raise ValueError(f'routers {source}: layer {i} uses kv={kv!r}; the vLLM plugin runs kv="all" only '
-                             f"(kv=\"kept\" would need a ragged per-layer cache); re-tune with --kv all")
         if target not in TARGETS:
             raise ValueError(f"routers {source}: layer {i} routes target {target!r}; the vLLM plugin runs "
                              f"targets {TARGETS}")
+        if kv != "all":
+            raise ValueError(f'routers {source}: layer {i} uses kv={kv!r}; the vLLM plugin runs kv="all" only '
+                             f"(kv=\"kept\" would need a ragged per-layer cache); re-tune with --kv all")
         specs[i] = RoutedLayerSpec(weight.float(), check.threshold(threshold), target, check.sink_tokens(sink),
                                    adapter)
     return specs
