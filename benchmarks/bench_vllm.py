@@ -52,7 +52,8 @@ def dense_folder(smoke: bool, work: str) -> str:
     from benchmarks.quality import smollm2
 
     gguf_model, _ = smollm2()  # vLLM does not load this GGUF: copy its dequantized weights into a plain folder
-    model = transformers.LlamaForCausalLM(gguf_model.config)
+    config = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(path)
     return path
