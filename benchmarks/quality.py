@@ -13,6 +13,11 @@ text, and the prefill speed vs dense measured in the same process (interleaved, 
 - fitted token routers: `fit_routers` (least squares of log ||sub-layer update|| / ||x|| on the router input, from
   the dense model's label pass over --fit-blocks training blocks; no backward), calibrated to each keep rate;
 - fitted + tuned token routers: the fit, then --fine-tune-steps Router-Tuning steps (`mindskip tune`'s default);
+- with --adapters (e.g. none mean linear linear:64): the fitted rows with each skipped-token adapter ("+ linear r64"),
+  and next to each drop the static linear replacement ("Block Drop + linear r64": the dropped layers replaced by
+  the same maps for every token). The fit is deterministic and independent of the K/V rule: one label pass per
+  target fits the routers and every layer's adapter statistics, from which each adapter kind and rank is solved
+  (adapter.AdapterStats); the seeds only tune. --tune-adapters adds rows whose tuning also trains the adapters;
 - tuned token / sequence routers: `router_tune(keep=...)` (the default every-token rule), trained ONCE per seed
   toward --train-keep, then `calibrate`d to each keep rate (one set of routers, many operating points); token
   routing keeps the first --sink-tokens tokens of each block (attention sinks, as `mindskip tune` does);
@@ -54,9 +59,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindskip_kernels as mk  # noqa: E402
 from benchmarks.harness import print_table, pyplot  # noqa: E402
 from benchmarks.oracle import Oracle  # noqa: E402
+from mindskip_kernels.adapter import SkipAdapter  # noqa: E402
 from mindskip_kernels.agreement import agreement, twin  # noqa: E402
 from mindskip_kernels.data import Item, tokenize_examples  # noqa: E402
-from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_replacement, fit_then_tune  # noqa: E402
+from mindskip_kernels.fitting import FINE_TUNE_STEPS, fit_routers  # noqa: E402
 from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, paper_layers  # noqa: E402
 from mindskip_kernels.layer_drop import (  # noqa: E402
     drop_sublayers,
@@ -78,6 +84,7 @@ ORACLE_CALIB_BLOCKS = 16  # its threshold is calibrated on fewer blocks: each tr
 METHODS = (ORACLE, *(t[0] for t in FITTED), *(t[0] for t in TUNED), *STATIC, "untuned routers")
 KV_RULES = ("kept", "all")
 DROP_NAMES = {"attention": "Attention Drop", "mlp": "MLP Drop", "block": "Block Drop"}
+RIDGE = 1e-4  # fit_routers' default
 
 
 def label(method: str, target: str) -> str:
@@ -181,7 +188,7 @@ def main() -> None:
     p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
     p.add_argument("--calib-blocks", type=int, default=16, help="training blocks for thresholds / cosine / export")
     p.add_argument("--speed-blocks", type=int, default=8)
-    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--speed-repeats", type=int, default=3, help="0: no speed column (bench_routed_cost times)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--targets", nargs="+", default=["attention"], choices=TARGETS,
                    help="routed sub-layers of the tuned methods (mlp / block add rows next to attention's)")
@@ -222,12 +229,14 @@ def main() -> None:
           f"dense ppl {dense.perplexity:.3f}")
 
     rows: list[dict] = []  # one per (method, keep, seed)
+    dense_log_probs: dict = {}  # the dense model's, on the held-out blocks: computed once
 
     def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
                seconds: float = 0.0, kv: str = "-", target: str = "attention") -> None:
         result = evaluate(model, held, batch_size=8)
-        agree = agreement(base, model, held, batch_size=8, progress=False)
-        fast = speed(base, model, timing, args.speed_repeats) if seed == 0 and method != ORACLE else float("nan")
+        agree = agreement(base, model, held, batch_size=8, reference_cache=dense_log_probs, progress=False)
+        timed = seed == 0 and method != ORACLE and args.speed_repeats > 0
+        fast = speed(base, model, timing, args.speed_repeats) if timed else float("nan")
         rows.append({"method": method, "target": target, "kv": kv, "keep": keep, "seed": seed,
                      "achieved_keep": result.keep_rate if achieved is None else achieved,
                      "ppl": result.perplexity, "ppl_over_dense": result.perplexity / dense.perplexity,
@@ -236,17 +245,38 @@ def main() -> None:
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), top-1 agreement {agree.top1:.3f}, "
               f"KL {agree.kl:.4f}, speed {fast:.2f}x", flush=True)
 
-    maps: dict[tuple, dict[int, torch.nn.Module]] = {}  # (target, adapter spec) -> every routed layer's map
+    fits: dict[str, tuple[torch.nn.Module, dict]] = {}
+
+    def fitted(target: str) -> tuple[torch.nn.Module, dict]:
+        """The routers of `target` fit once (deterministic; the fit does not depend on the K/V rule) with every
+        layer's adapter statistics, from one label pass: (the fitted model, {layer: AdapterStats})."""
+        if target not in fits:
+            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
+                                      sink_tokens=args.sink_tokens, target=target, adapter="linear")
+            fit = fit_routers(model, train[: args.fit_blocks], batch_size=args.batch_size, return_stats=True,
+                              progress=False)
+            fits[target] = model, fit.adapter_stats
+        return fits[target]
+
+    def adapted(target: str, kv: str, spec: tuple[str | None, int | None]) -> torch.nn.Module:
+        """A copy of the fitted model under K/V rule `kv` with adapters of `spec`, solved from the statistics."""
+        model, stats = fitted(target)
+        model = mk.apply_mindskip(copy.deepcopy(model), layers=layer_ids, backend=args.backend,
+                                  sink_tokens=args.sink_tokens, target=target, kv=kv, adapter=spec[0],
+                                  adapter_rank=spec[1])
+        for i, layer in mindskip_layers(model).items():
+            if spec[0] is not None:
+                stats[i].solve(layer.skip_adapter, RIDGE)
+        return model
 
     def dropped(layers: list[int], seed: int, name: str, keep: float, target: str,
                 spec: tuple[str | None, int | None] = (None, None)) -> None:
         replacement = None
-        if spec[0] is not None and layers:  # the static linear replacement: the maps fit like the adapters, on the
-            if (target, spec) not in maps:  # dense model (so one fit of every routed layer serves every choice)
-                maps[target, spec] = fit_replacement(base, train[: args.fit_blocks], layer_ids, target=target,
-                                                     adapter=spec[0], adapter_rank=spec[1],
-                                                     batch_size=args.batch_size, progress=False)
-            replacement = {i: copy.deepcopy(maps[target, spec][i]) for i in layers}
+        if spec[0] is not None and layers:  # the static linear replacement: the routed fit's maps (same label pass)
+            stats = fitted(target)[1]
+            replacement = {i: SkipAdapter(base.config.hidden_size, *spec) for i in layers}
+            for i, adapter in replacement.items():
+                stats[i].solve(adapter, RIDGE)
         model = drop_sublayers(copy.deepcopy(base), layers, target, replacement)
         record(name + adapter_suffix(spec), keep, seed, model, achieved=1.0 - len(layers) / len(layer_ids),
                target=target)
@@ -274,20 +304,20 @@ def main() -> None:
         if target == "mlp" and kv == "all":
             continue  # no K/V rule: the MLP target's attention runs for every token
         static = kv == args.kv[0]  # the drops and the layer export do not depend on the K/V rule: once
-        fitted = [(name, method, spec, False) for name, method in FITTED for spec in args.adapters]
+        runs = [(name, method, spec, False) for name, method in FITTED for spec in args.adapters]
         if args.tune_adapters:
-            fitted += [(name, method, spec, True) for name, method in FITTED if method == "fit+tune"
-                       for spec in args.adapters if spec[0] is not None]
-        for name, method, spec, tune_adapters in fitted:
+            runs += [(name, method, spec, True) for name, method in FITTED if method == "fit+tune"
+                     for spec in args.adapters if spec[0] is not None]
+        for name, method, spec, tune_adapters in runs:
             if name not in args.methods or (method == "fit" and seed != args.first_seed):
                 continue  # the fit alone is deterministic: one run
-            model = mk.apply_mindskip(copy.deepcopy(base), layers=layer_ids, backend=args.backend,
-                                      sink_tokens=args.sink_tokens, target=target, kv=kv, adapter=spec[0],
-                                      adapter_rank=spec[1])
             t0 = time.perf_counter()
-            fit_then_tune(model, train[: args.fit_blocks], method=method, keep=args.train_keep,
-                          calibration=calib, steps=args.fine_tune_steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=seed, progress=False, **({"tune_adapters": True} if tune_adapters else {}))
+            model = adapted(target, kv, spec)  # fit_then_tune's steps, the fit shared: fit, calibrate, tune
+            calibrate(model, calib, args.train_keep, progress=False)
+            if method == "fit+tune":
+                router_tune(model, train[: args.fit_blocks], keep=args.train_keep, steps=args.fine_tune_steps,
+                            batch_size=args.batch_size, lr=args.lr, calibration=calib, seed=seed, progress=False,
+                            tune_adapters=tune_adapters)
             seconds = time.perf_counter() - t0
             row = label(name, target) + adapter_suffix(spec) + (" (tuned adapter)" if tune_adapters else "")
             for keep in args.keeps:

@@ -33,10 +33,12 @@ class Agreement:
 
 @torch.no_grad()
 def agreement(reference: nn.Module, model: nn.Module, data: Data, tokenizer=None, *, batch_size: int = 4,
-              max_length: int = 512, progress: bool = True) -> Agreement:
+              max_length: int = 512, reference_cache: dict | None = None, progress: bool = True) -> Agreement:
     """Agreement of `model` with `reference` (e.g. a routed model with its dense base, or an Attention-Drop copy)
     on `data` (a data file, raw examples or tokenized items, as for `evaluate`): one forward per batch per model,
-    each on its own device; the positions scored are those perplexity counts (each predicts a label token)."""
+    each on its own device; the positions scored are those perplexity counts (each predicts a label token).
+    reference_cache: a dict that keeps the reference's log-probs between calls with the same reference, data and
+    batch size (comparing many models with one reference runs it once; it holds scored tokens x vocab floats)."""
     _check_positive(batch_size=batch_size, max_length=max_length)
     items = as_items(data, tokenizer, max_length)
     modes = (reference.training, model.training)
@@ -48,7 +50,12 @@ def agreement(reference: nn.Module, model: nn.Module, data: Data, tokenizer=None
         for start in tqdm(range(0, len(items), batch_size), desc="agreement", disable=not progress):
             batch = collate(items[start : start + batch_size])
             scored = batch["labels"][:, 1:] != -100  # position t predicts label t + 1
-            log_p, log_q = (_scored_log_probs(m, batch, scored) for m in (reference, model))
+            if reference_cache is None or start not in reference_cache:
+                log_p = _scored_log_probs(reference, batch, scored)
+                if reference_cache is not None:
+                    reference_cache[start] = log_p
+            log_p = log_p if reference_cache is None else reference_cache[start]
+            log_q = _scored_log_probs(model, batch, scored)
             log_q = log_q.to(log_p.device)
             agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().cpu()
             kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").double().cpu()

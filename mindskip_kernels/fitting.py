@@ -51,10 +51,13 @@ class LayerFit:
 
 @dataclass
 class FitResult:
-    """What `fit_routers` did: a LayerFit per routed layer and the seconds it took (label pass + solve)."""
+    """What `fit_routers` did: a LayerFit per routed layer and the seconds it took (label pass + solve); with
+    `return_stats`, each adapter's statistics (`AdapterStats.solve` then fits adapters of any kind and rank from
+    the same label pass)."""
 
     layers: dict[int, LayerFit]
     seconds: float
+    adapter_stats: dict[int, AdapterStats] | None = None
 
 
 class LeastSquares:
@@ -131,14 +134,16 @@ def _label_pass(model: nn.Module, items: list, targets: dict[int, str], observe,
 
 @torch.no_grad()
 def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int = 4, max_length: int = 512,
-                ridge: float = 1e-4, routers: bool = True, progress: bool = True) -> FitResult:
+                ridge: float = 1e-4, routers: bool = True, return_stats: bool = False,
+                progress: bool = True) -> FitResult:
     """Fit the routers of a model patched by `apply_mindskip` to the dense model's signal (module docstring),
     in place, for every routed layer's target and granularity, and in the same label pass the skipped-token
     adapters of the layers that have one (`apply_mindskip(..., adapter=)`: least squares of the target's update
     y - x on z over the tokens the router decides; adapter.AdapterStats). Thresholds are untouched: `calibrate`
     next. data: as for `router_tune`. ridge: the L2 penalty relative to the mean diagonal of the Gram matrix (a
     tiny one keeps directions that the data never excites at zero). routers=False fits only the adapters (for
-    routers that are then tuned from zero, or loaded)."""
+    routers that are then tuned from zero, or loaded). return_stats: keep the adapters' statistics in the result
+    (2 D x D fp64 matrices per layer)."""
     from mindskip_kernels.integrations import hf
 
     _check_fit_args(ridge, batch_size, max_length)
@@ -194,7 +199,7 @@ def fit_routers(model: nn.Module, data: Data, tokenizer=None, *, batch_size: int
         w, fits[i] = moments[i].solve(ridge)
         fits[i].adapter = adapter_fit
         layer.router.weight.copy_(w.to(layer.router.weight.dtype).unsqueeze(0))
-    return FitResult(fits, time.perf_counter() - start)
+    return FitResult(fits, time.perf_counter() - start, stats if return_stats else None)
 
 
 @torch.no_grad()
