@@ -6,6 +6,7 @@
     python benchmarks/bench_e2e.py --shapes 1x256 1x2048 4x512 --phases decode   # the README's decode points
     python benchmarks/bench_e2e.py --target attention mlp block --phases prefill --skip 0.5   # per target
     python benchmarks/bench_e2e.py --kv kept all      # both K/V rules side by side (design.md s.1)
+    python benchmarks/bench_e2e.py --target block --kv all --adapter linear:64   # a skipped-token adapter
     python benchmarks/bench_e2e.py --smoke            # tiny model, a few seconds (CI)
 
 The same model elsewhere: CUDA-graph decode in bench_graph_decode.py, the fused-RMSNorm prefill comparison in
@@ -59,6 +60,7 @@ from benchmarks.models import (  # noqa: E402
     routed_memory,
     routed_model,
 )
+from benchmarks.quality import adapter_spec, adapter_suffix  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -70,12 +72,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="routed sub-layer(s), one table block each")
     p.add_argument("--kv", nargs="+", choices=KV_RULES, default=["kept"],
                    help="K/V rule(s) of the routed layers, one table block each (the MLP target: kept only)")
+    p.add_argument("--adapter", type=adapter_spec, default=(None, None), metavar="SPEC",
+                   help="a skipped-token adapter on every routed layer (none, mean, linear, linear:RANK); the ideals "
+                        "and the removed work then run it on their skipped rows")
     p.add_argument("--plot")
     args, device, dtype, shapes = parse(p, argv)
 
     torch.manual_seed(0)
     dense = build_model(args.model, dtype, device)
-    models = {(target, kv): routed_model(dense, target, args.backend, kv) for target in args.target
+    models = {(target, kv): routed_model(dense, target, args.backend, kv, *args.adapter) for target in args.target
               for kv in args.kv if (target, kv) != ("mlp", "all")}
     rows, table = [], []
     for (target, kv), model in models.items():
@@ -115,8 +120,10 @@ def run_shape(args, dense, model, target: str, kv: str, batch: int, seq_len: int
 
     base, routed_idx = list(dense.model.layers), set(mindskip_layers(model))
 
+    adapters = {i: getattr(model.model.layers[i], "skip_adapter", None) for i in routed_idx}
+
     def ideal_layers(kept: int) -> list[torch.nn.Module]:
-        return [IdealLayer(layer, target, kv, kept, seq_len) if i in routed_idx else layer
+        return [IdealLayer(layer, target, kv, kept, seq_len, adapters[i]) if i in routed_idx else layer
                 for i, layer in enumerate(base)]
 
     rows = []
@@ -154,7 +161,7 @@ def run_shape(args, dense, model, target: str, kv: str, batch: int, seq_len: int
                 if phase not in args.phases:
                     continue
                 ideal = d[0] / ideal_pre[0] if phase == "prefill" else amdahl(d[0], r[0], skipped)
-                routed = target if kv == "kept" else f"{target} kv=all"
+                routed = (target if kv == "kept" else f"{target} kv=all") + adapter_suffix(args.adapter)
                 table.append([routed, shape, phase, f"{skipped:.0%}", d[0], m[0], f"{d[0] / m[0]:.2f}x",
                               f"{ideal:.2f}x", f"{(d[0] / m[0]) / ideal:.0%}", f"{d[0] / a[0]:.2f}",
                               f"{r[0] / n[0]:.2f}",

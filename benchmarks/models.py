@@ -239,8 +239,8 @@ class IdealLayer(nn.Module):
             if self.target == "block":
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             x = x.index_copy(1, rows, h)
-        if self.adapter is not None and self.others.numel():
-            x = x.index_copy(1, self.others, self._skipped(x[:, self.others]))
+        if self.adapter is not None:  # the other rows (kept=0: every row, e.g. of a decode step)
+            x = x.index_copy(1, self.others, self._skipped(x[:, self.others])) if self.kept else self._skipped(x)
         if self.target == "block":
             return x
         return x + layer.mlp(layer.post_attention_layernorm(x))
