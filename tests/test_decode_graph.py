@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mindskip_kernels as mk
-from mindskip_kernels.integrations.hf import TARGETS, new_cache, record_routing
+from mindskip_kernels.integrations.hf import TARGETS, mindskip_layers, new_cache, record_routing
 from tests.models import left_padded_prompts, randomize_routers, tiny_model
 
 ROUTED = [0, 1, 2]
@@ -75,12 +75,17 @@ ROUTINGS = [pytest.param(g, t, "kept", id=f"{g}-{t}") for g in ("token", "sequen
     pytest.param("token", t, "all", id=f"token-{t}-kv_all") for t in ("attention", "block")]
 
 
-def _patched(granularity: str, backend: str = "auto", target: str = "attention", kv: str = "kept"):
+def _patched(granularity: str, backend: str = "auto", target: str = "attention", kv: str = "kept",
+             adapter: str | None = None):
     model = tiny_model("llama")
     mk.apply_mindskip(model, layers=ROUTED, granularity=granularity, backend=backend, target=target, kv=kv,
-                      host_compact=False)  # the decode path accelerators run
+                      host_compact=False, adapter=adapter, adapter_rank=3 if adapter == "linear" else None)
     torch.manual_seed(2 if kv == "kept" else 4)  # seeds whose last decode step both keeps and skips rows
     randomize_routers(model, std=4.0)
+    with torch.no_grad():  # skipped rows' adapter (random: a wrong row would show)
+        for p in (p for layer in mindskip_layers(model).values() for p in (
+                layer.skip_adapter.parameters() if adapter else ())):
+            p.normal_(0.0, 0.2)
     return model
 
 
@@ -95,9 +100,10 @@ def count_host_reads(model, inputs) -> list[str]:
     return reads.reads
 
 
+@pytest.mark.parametrize("adapter", [None, "linear"])
 @pytest.mark.parametrize(("granularity", "target", "kv"), ROUTINGS)
-def test_decode_step_adds_no_host_reads(granularity, target, kv):
-    model = _patched(granularity, target=target, kv=kv)
+def test_decode_step_adds_no_host_reads(granularity, target, kv, adapter):
+    model = _patched(granularity, target=target, kv=kv, adapter=adapter)
     with record_routing(model) as rec:
         inputs = _decode_setup(model, _fixed_cache(model))
     keep = torch.cat([e.keep for e in rec.entries[-len(ROUTED):]])  # the last decode step's decisions
@@ -139,12 +145,12 @@ def test_host_read_counter_sees_reads():
 
 
 @pytest.mark.parametrize(("granularity", "target", "kv"), ROUTINGS)
-@pytest.mark.parametrize("backend", ["compiled", "reference"])
-def test_routed_decode_layer_compiles_fullgraph(granularity, backend, target, kv):
+@pytest.mark.parametrize(("backend", "adapter"), [("compiled", None), ("reference", None), ("compiled", "linear")])
+def test_routed_decode_layer_compiles_fullgraph(granularity, backend, target, kv, adapter):
     """The routed decoder layer's decode step (router flag, paged append, paged decode attention, predicated
-    add, MLP; for the MLP target attention with its dense cache layer, then the routed MLP) traces into one
-    graph, and gives what eager gives, cache state included."""
-    model = _patched(granularity, backend, target, kv)
+    add, MLP, the skipped rows' adapter; for the MLP target attention with its dense cache layer, then the routed
+    MLP) traces into one graph, and gives what eager gives, cache state included."""
+    model = _patched(granularity, backend, target, kv, adapter)
     cache_eager = _fixed_cache(model)
     inputs = _decode_setup(model, cache_eager)
     cache_compiled = copy.deepcopy(cache_eager)
