@@ -120,6 +120,16 @@ def test_routed_equals_transformers(folders, prefix_caching):
     assert expect != _vllm_tokens(folders["dir"] / "dense", prompts)[0]  # the routers do change the output
 
 
+def test_tensor_parallel_two_equals_one(folders, monkeypatch):
+    """tensor_parallel_size=2 (two CPU worker processes, gloo): the routed greedy tokens are the transformers
+    path's, as with one rank (test_routed_equals_transformers). vLLM binds each CPU worker to a NUMA node of
+    its own by default; one-node machines need VLLM_CPU_OMP_THREADS_BIND=nobind."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    prompts = folders["prompts"]
+    tp2 = _vllm_tokens(folders["dir"] / "routed", prompts, tensor_parallel_size=2, distributed_executor_backend="mp")
+    assert tp2[0] == _hf_tokens(folders["model"], prompts)
+
+
 def test_dense_attention_fallback(folders, monkeypatch):
     """The attention path of backends without the runs kernel (dense call, skipped queries dropped) gives the
     same tokens."""
