@@ -193,8 +193,9 @@ direct_register_custom_op("mindskip_routed_sublayer", mindskip_routed_sublayer, 
 
 
 def _routed_forward(self: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
-                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A routed decoder layer's forward (replaces the instance's): vLLM's dense layer around the routed op."""
+                    residual: torch.Tensor | None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routed decoder layer's forward (replaces the instance's): vLLM's dense layer around the routed op.
+    Extra layer arguments (Mistral's `t_cond`) serve only features refused at build."""
     if residual is None:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -228,6 +229,8 @@ class _Routed:
             if i in specs and hasattr(layer, "self_attn"):  # a pipeline stage holds only its own layers
                 if getattr(layer.self_attn, "do_llama_4_scaling", False):
                     raise ValueError("the MindSkip vLLM plugin does not run Llama-4 attention scaling")
+                if getattr(layer, "ada_rms_norm_t_cond", None) is not None:
+                    raise ValueError("the MindSkip vLLM plugin does not run Mistral's ada_rms_norm_t_cond")
                 layer.mindskip = Routing(layer, specs[i], config.hidden_size, f"{prefix}.model.layers.{i}.mindskip")
                 layer.forward = _routed_forward.__get__(layer)
                 self.mindskip_layers[i] = layer
