@@ -102,37 +102,49 @@ class Routing(nn.Module):
                          force_keep=sinks.unsqueeze(0))[1][0]
             keep[getattr(meta, "num_actual_tokens", n):] = False  # padding rows
         kept = keep.nonzero().squeeze(1)  # the host read of the kept count
+        every = kept.numel() == n  # all kept (no gathers, vLLM's own attention metadata)
         q_size, hd = attn.q_size, attn.head_dim
-        k, v = self.kv_proj(z)[0].split([attn.kv_size, attn.kv_size], dim=-1)
-        q = self.q_proj(z.index_select(0, kept))[0]
-        if hasattr(attn, "q_norm"):  # Qwen3's per-head norms
-            q = attn.q_norm(q.view(-1, q_size // hd, hd)).view(q.shape)
-            k = attn.k_norm(k.reshape(-1, attn.kv_size // hd, hd)).view(k.shape)
-        q, _ = attn.rotary_emb(positions.index_select(0, kept), q)
-        k, _ = attn.rotary_emb(positions, k.contiguous())
         heads, kv_heads = q_size // hd, attn.kv_size // hd
-        k, v = k.view(n, kv_heads, hd), v.contiguous().view(n, kv_heads, hd)
+        k, v = self.kv_proj(z)[0].split([attn.kv_size, attn.kv_size], dim=-1)
+        if hasattr(attn, "k_norm"):  # Qwen3's per-head norms
+            k = attn.k_norm(k.reshape(-1, kv_heads, hd)).view(k.shape)
+        k, _ = attn.rotary_emb(positions, k.contiguous())
+        if meta is not None:
+            unified_kv_cache_update(k.view(n, kv_heads, hd), v.contiguous().view(n, kv_heads, hd),
+                                    attn.attn.layer_name)
+        if kept.numel() == 0:  # the whole step skips: no Q, attention, o_proj (block: MLP); on every TP rank
+            return self._combine(layer, z, x, keep, kept, None)
+        q = self.q_proj(z if every else z.index_select(0, kept))[0]
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q.view(-1, heads, hd)).view(q.shape)
+        q, _ = attn.rotary_emb(positions if every else positions.index_select(0, kept), q)
         if meta is None:
             o = torch.zeros_like(q)
         else:
-            unified_kv_cache_update(k, v, attn.attn.layer_name)
             o = _kept_attention(q.view(-1, heads, hd), kept, positions, meta, attn_layer, kv_cache, n)
         o, _ = attn.o_proj(o.reshape(kept.numel(), q_size))
         return self._combine(layer, z, x, keep, kept, o)
 
     def _combine(self, layer: nn.Module, z: torch.Tensor, x: torch.Tensor, keep: torch.Tensor,
-                 kept: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Scatter the kept rows' result; the skipped rows get nothing or the adapter's update."""
+                 kept: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+        """Scatter the kept rows' result o (None: none kept); the skipped rows get nothing or the adapter's
+        update."""
+        every = kept.numel() == x.shape[0]
         if self.target == "attention":
-            out = torch.zeros_like(x)
-            out.index_copy_(0, kept, o.to(x.dtype))
             base = torch.zeros_like(x)
+            if o is None or every:
+                out = base if o is None else o.to(x.dtype)
+            else:
+                out = torch.zeros_like(x).index_copy_(0, kept, o.to(x.dtype))
         else:
-            hidden, residual = layer.post_attention_layernorm(o.to(x.dtype), x.index_select(0, kept))
-            out = x.clone()
-            out.index_copy_(0, kept, residual + layer.mlp(hidden))
             base = x
-        if self.skip_adapter is not None:
+            out = x.clone()
+            if o is not None:
+                hidden, residual = layer.post_attention_layernorm(o.to(x.dtype), out if every
+                                                                  else x.index_select(0, kept))
+                rows = residual + layer.mlp(hidden)
+                out = rows if every else out.index_copy_(0, kept, rows)
+        if self.skip_adapter is not None and not every:
             skipped = (~keep).nonzero().squeeze(1)
             rows = base.index_select(0, skipped) + self.skip_adapter(z.index_select(0, skipped)).to(x.dtype)
             out.index_copy_(0, skipped, rows)
@@ -146,7 +158,8 @@ def _kept_attention(q: torch.Tensor, kept: torch.Tensor, positions: torch.Tensor
 
     impl = attn_layer.impl
     out = torch.empty_like(q)
-    if kept.numel() == 0:
+    if kept.numel() == n:  # every token kept: vLLM's own call
+        impl.forward(attn_layer, q, None, None, kv_cache, meta, output=out)
         return out
     runs_ok = (isinstance(impl, CPUAttentionBackendImpl) and meta.causal and meta.dynamic_causal is None
                and not meta.use_sdpa_prefill and os.environ.get(ATTENTION_ENV, "runs") != "dense")
@@ -193,8 +206,9 @@ direct_register_custom_op("mindskip_routed_sublayer", mindskip_routed_sublayer, 
 
 
 def _routed_forward(self: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
-                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A routed decoder layer's forward (replaces the instance's): vLLM's dense layer around the routed op."""
+                    residual: torch.Tensor | None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routed decoder layer's forward (replaces the instance's): vLLM's dense layer around the routed op.
+    Extra layer arguments (Mistral's `t_cond`) serve only features refused at build."""
     if residual is None:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -228,6 +242,8 @@ class _Routed:
             if i in specs and hasattr(layer, "self_attn"):  # a pipeline stage holds only its own layers
                 if getattr(layer.self_attn, "do_llama_4_scaling", False):
                     raise ValueError("the MindSkip vLLM plugin does not run Llama-4 attention scaling")
+                if getattr(layer, "ada_rms_norm_t_cond", None) is not None:
+                    raise ValueError("the MindSkip vLLM plugin does not run Mistral's ada_rms_norm_t_cond")
                 layer.mindskip = Routing(layer, specs[i], config.hidden_size, f"{prefix}.model.layers.{i}.mindskip")
                 layer.forward = _routed_forward.__get__(layer)
                 self.mindskip_layers[i] = layer
