@@ -343,3 +343,24 @@ def test_compact_checks_its_arguments_and_matches_route(backend):
         mk.compact(keep.int(), positions, backend=backend)
     with pytest.raises(ValueError, match="positions must have shape"):
         mk.compact(keep, positions[:, :2], backend=backend)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_longer_than_the_window_is_refused(arch):
+    """Mistral's attention reads its window from the config, Qwen2's holds its layer's: either way a routed layer
+    refuses a sequence longer than the window (kept-only attention does not apply it) and runs one that fits."""
+    import transformers
+
+    from tests.models import ARCHS
+
+    config_cls, model_cls = ARCHS[arch]
+    extra = {"use_sliding_window": True, "max_window_layers": 0} if arch == "qwen2" else {}
+    config = config_cls(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                        attn_implementation="sdpa", **extra)
+    model = mk.apply_mindskip(model_cls(config).eval(), layers=[0])
+    assert isinstance(model, transformers.PreTrainedModel)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 8)), use_cache=False)
+        with pytest.raises(NotImplementedError, match=r"sliding-window attention \(window 8\)"):
+            model(torch.randint(0, 97, (1, 12)), use_cache=False)

@@ -228,7 +228,9 @@ def routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention
     st: LayerState = self.mindskip
     state = _routing_state(self, cache)
     batch, seq_len, _ = hidden_states.shape
-    window = getattr(self.self_attn, "sliding_window", None)
+    # Qwen2/3 attention modules hold their layer's window; Mistral's reads it from the config
+    attn = self.self_attn
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
     if window is not None and seq_len > window:
         raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by MindSkip "
                                   f"layers for sequences longer than the window ({seq_len})")
