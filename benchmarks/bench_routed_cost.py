@@ -100,7 +100,8 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
 
     thresholds: dict[str, list[float]] = {}
     skipped: dict[str, float] = {}
-    for name, f in [("all kept", 0.0), ("all skipped", 1.0)] + [(f"{f:.0%}", f) for f in args.skip]:
+    for name, f in [] if args.drops_only else [("all kept", 0.0), ("all skipped", 1.0)] + [(f"{f:.0%}", f)
+                                                                                        for f in args.skip]:
         skipped[name] = calibrate(routed, ids, f)
         thresholds[name] = [routed.model.layers[i].mindskip.threshold for i in routed_idx]
 
@@ -114,12 +115,15 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
     calls = {"dense": lambda ids: dense(ids, use_cache=False, logits_to_keep=1),
              "all kept": routed_at("all kept"), "all skipped": routed_at("all skipped"),
              "removed work": swap_layers(dense, ideal(0, routed_idx))}
+    if args.drops_only:
+        calls = {"dense": calls["dense"]}
     for f in args.skip:
         kept = round((1 - f) * seq_len)
         m = round(f * len(routed_idx))  # dropped layers, spread evenly over the routed ones
         dropped = [routed_idx[j * len(routed_idx) // m] for j in range(m)] if m else []
-        calls[f"{f:.0%}"] = routed_at(f"{f:.0%}")
-        calls[f"{f:.0%} ideal"] = swap_layers(dense, ideal(kept, routed_idx))
+        if not args.drops_only:
+            calls[f"{f:.0%}"] = routed_at(f"{f:.0%}")
+            calls[f"{f:.0%} ideal"] = swap_layers(dense, ideal(kept, routed_idx))
         calls[f"{f:.0%} drop"] = swap_layers(dense, ideal(0, dropped))
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
@@ -143,6 +147,12 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
         rows.append(Row("routed_cost", f"{model_name} {config}", name, "time", "ms", shape, *percentiles(ts), dev))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     table.append([model_name, shape, config, "dense", "0%", med["dense"], "1.00", "", ""])
+    if args.drops_only:
+        for f in args.skip:
+            table.append([model_name, shape, config, f"  static drop {f:.0%}", "", med[f"{f:.0%} drop"],
+                          cell(ratio("dense", f"{f:.0%} drop")), "", ""])
+        print_table(HEADERS, table[-(1 + len(args.skip)):])
+        return
     table.append([model_name, shape, config, "all kept", f"{skipped['all kept']:.0%}", med["all kept"],
                   cell(ratio("dense", "all kept")), "", ""])
     table.append([model_name, shape, config, "all skipped", f"{skipped['all skipped']:.0%}", med["all skipped"],
@@ -178,6 +188,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="skipped-token adapters to run each config with (none, mean, linear, linear:RANK); the "
                         "ideal, removed work and static drop then carry the same adapter on their skipped rows")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--drops-only", action="store_true",
+                   help="time dense and the static drops only (the rivals' rows: Attention / Block Drop under "
+                        "kv=kept configurations, the static linear replacement with --adapters)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--csv")
     p.add_argument("--smoke", action="store_true", help="tiny model, one shape, one round (CI)")
