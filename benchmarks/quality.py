@@ -229,6 +229,7 @@ def main() -> None:
           f"dense ppl {dense.perplexity:.3f}")
 
     rows: list[dict] = []  # one per (method, keep, seed)
+    csv_path = os.path.join(args.out, "quality.csv" if args.first_seed == 0 else f"quality-seed{args.first_seed}.csv")
     dense_log_probs: dict = {}  # the dense model's, on the held-out blocks: computed once
 
     def record(method: str, keep: float, seed: int, model: torch.nn.Module, achieved: float | None = None,
@@ -244,6 +245,10 @@ def main() -> None:
         print(f"  {method:24} kv {kv:4} keep {keep:.3f} seed {seed}: achieved {rows[-1]['achieved_keep']:.3f}, "
               f"ppl {result.perplexity:.3f} (x{rows[-1]['ppl_over_dense']:.3f}), top-1 agreement {agree.top1:.3f}, "
               f"KL {agree.kl:.4f}, speed {fast:.2f}x", flush=True)
+        with open(csv_path, "w", newline="") as f:  # every row so far: a run stopped early keeps its rows
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
     fits: dict[str, tuple[torch.nn.Module, dict]] = {}
 
@@ -365,11 +370,6 @@ def main() -> None:
                 dropped(sorted(rng.sample(layer_ids, n)), seed, label("uniform random layers", target), keep,
                         target)
 
-    name = "quality.csv" if args.first_seed == 0 else f"quality-seed{args.first_seed}.csv"
-    with open(os.path.join(args.out, name), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"\ndense held-out ppl {dense.perplexity:.3f}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
           f"tokens per tuning run (median {statistics.median(tune_seconds) if tune_seconds else 0:.0f} s on "
           f"{args.threads} thread(s)), lr {args.lr:g}, trained toward keep {args.train_keep}, sink tokens "
