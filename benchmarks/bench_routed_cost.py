@@ -145,6 +145,9 @@ def run_config(args, dense: nn.Module, model_name: str, config: str, batch: int,
 
     for name, ts in times.items():
         rows.append(Row("routed_cost", f"{model_name} {config}", name, "time", "ms", shape, *percentiles(ts), dev))
+        if name != "dense":  # dense / this, per round (paired: robust to the machine's drift between rounds)
+            rows.append(Row("routed_cost", f"{model_name} {config}", name, "speedup", "x", shape,
+                            *ratio("dense", name), dev))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     table.append([model_name, shape, config, "dense", "0%", med["dense"], "1.00", "", ""])
     if args.drops_only:

@@ -4,7 +4,8 @@
         --shape 1x2048 --out docs/pareto_smollm2
 
 Joins quality.py's rows (held-out ppl / dense, mean over seeds, per method and keep rate) with
-bench_routed_cost.py's measured prefill times on the same model (dense / routed, medians of interleaved rounds) at
+bench_routed_cost.py's measured prefill speed on the same model (the median of per-round dense / routed ratios of
+interleaved rounds; for CSVs written before those rows, the ratio of the median times) at
 the same skipped fraction: a routed method at keep k takes the routed model's time at skip 1 - k of its target,
 K/V rule and adapter (random routers calibrated to that skip: the time depends on how many tokens run, not on
 which); a static drop of round((1 - k) x routed layers) layers takes that drop's time (Attention / Block Drop:
@@ -56,19 +57,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output path without extension")
     args = p.parse_args(argv)
     times: dict[tuple[str, str], float] = {}
+    paired: dict[tuple[str, str], float] = {}
     for r in read(args.speed):
         model, _, config = r["provider"].partition(" ")
         if model == args.model and r["x"] == args.shape:
-            times[config, r["mode"]] = float(r["p50"])
+            (paired if r["metric"] == "speedup" else times)[config, r["mode"]] = float(r["p50"])
     groups: dict[tuple, list[dict]] = {}
     for r in read(args.quality):
         groups.setdefault((r["method"], r.get("kv", "-"), float(r["keep"])), []).append(r)
     table, points = [], {}
     for (method, kv, keep), group in groups.items():
         config, point = speed_key(group[0])
-        if (config, point) not in times or (config, "dense") not in times:
+        if (config, point) in paired:  # the median of per-round dense / point ratios
+            fast = paired[config, point]
+        elif (config, point) in times and (config, "dense") in times:  # CSVs without them: medians' ratio
+            fast = times[config, "dense"] / times[config, point]
+        else:
             continue
-        fast = times[config, "dense"] / times[config, point]
         ratios = [float(r["ppl_over_dense"]) for r in group]
         spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         agree = statistics.mean(float(r["agreement"]) for r in group)

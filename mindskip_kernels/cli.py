@@ -39,7 +39,8 @@ from mindskip_kernels.fitting import CALIBRATION_ITEMS, DEFAULT_METHOD, FINE_TUN
 # `mindskip tune`'s K/V rule (apply_mindskip's default stays the paper's "kept"): "all" loses far less at the same
 # keep rate (README results, docs/tuning.md), for the skipped tokens' K/V projections and no cache saved
 DEFAULT_KV = "all"
-DEFAULT_ADAPTER = "none"  # set by the measurement: docs/tuning.md
+# the measurement (docs/tuning.md): rank 64 is as good as full rank for attention and costs 2 D 64 per skipped token
+DEFAULT_ADAPTER, DEFAULT_ADAPTER_RANK = "linear", 64
 # what a command reports as bad input (one line, exit 2) rather than as a bug (a traceback): ValueError covers
 # UnicodeDecodeError and json.JSONDecodeError, OSError the file errors, ImportError a missing optional dependency
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -190,6 +191,25 @@ def _adapter(value: str) -> str | None:
     return None if value == "none" else value
 
 
+def _adapter_rank(value: str) -> int | str:
+    """--adapter-rank: a positive int, or "full"."""
+    if value == "full":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'full', got {value!r}")
+    return int(value)
+
+
+def _rank_for(args: argparse.Namespace, hidden: int) -> int | None:
+    """The linear adapter's rank: --adapter-rank ("full": None), by default DEFAULT_ADAPTER_RANK; a rank >= the
+    hidden size is full rank (None). Other adapters take no rank (an explicit one is refused by apply_mindskip)."""
+    given = None if args.adapter_rank == "full" else args.adapter_rank
+    if args.adapter != "linear":
+        return given
+    rank = DEFAULT_ADAPTER_RANK if args.adapter_rank is None else given
+    return None if rank is None or rank >= hidden else rank
+
+
 def _tune(args: argparse.Namespace) -> int:
     from mindskip_kernels.fitting import fit_then_tune
     from mindskip_kernels.integrations.hf import apply_mindskip, mindskip_layers, save_routers
@@ -205,7 +225,8 @@ def _tune(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     apply_mindskip(model, layers=layers, threshold=args.threshold,
                    granularity=args.granularity, backend=args.backend, sink_tokens=args.sink_tokens,
-                   target=args.target, kv=args.kv, adapter=_adapter(args.adapter), adapter_rank=args.adapter_rank)
+                   target=args.target, kv=args.kv, adapter=_adapter(args.adapter),
+                   adapter_rank=_rank_for(args, model.config.hidden_size))
     fit, history = fit_then_tune(model, data, tokenizer, method=args.method, keep=args.keep,
                                  calibration=calibration, calibration_items=args.calibration_items,
                                  rule=args.rule, steps=args.steps, batch_size=args.batch_size,
@@ -216,7 +237,7 @@ def _tune(args: argparse.Namespace) -> int:
     if rank == 0:
         info = {"method": args.method, "rule": args.rule, "keep": args.keep, "steps": len(history), "lr": args.lr,
                 "seed": args.seed, "sink_tokens": args.sink_tokens, "target": args.target, "kv": args.kv,
-                "adapter": _adapter(args.adapter), "adapter_rank": args.adapter_rank,
+                "adapter": _adapter(args.adapter), "adapter_rank": _rank_for(args, model.config.hidden_size),
                 "tune_adapters": args.tune_adapters, "data": os.fspath(args.data)}
         if fit is not None:
             info["fit"] = {"seconds": fit.seconds, "r2": {str(i): f.r2 for i, f in fit.layers.items()},
@@ -488,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                            f"skipped (better quality, no cache saved); kept = the paper's (it writes no K/V)")
     tune.add_argument("--adapter", choices=("none", *ADAPTERS), default=DEFAULT_ADAPTER,
                       help=f"a skipped token's update (default {DEFAULT_ADAPTER}): linear = x + U V^T z + b fit in "
-                           f"closed form to the dense model's update (see docs/tuning.md), mean = x + b, none = x")
-    tune.add_argument("--adapter-rank", type=int, default=None, help="rank of the linear adapter (default: full)")
+                           f"closed form to the dense model's update (see docs/tuning.md), mean = x + b, none = x "
+                           f"(the paper's)")
+    tune.add_argument("--adapter-rank", type=_adapter_rank, default=None,
+                      help=f"rank of the linear adapter, or 'full' (default {DEFAULT_ADAPTER_RANK}; a rank >= the "
+                           f"hidden size is full rank)")
     tune.add_argument("--tune-adapters", action="store_true",
                       help="Router-Tuning also trains the adapters (from their fit), not only the routers")
     tune.add_argument("--sink-tokens", type=int, default=1,
