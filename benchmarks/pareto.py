@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         f.writelines("| " + " | ".join(str(c) for c in row) + " |\n" for row in table)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more series than the default 10 colours
     for label, pts in points.items():
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="s" if static_method(label.split(",")[0]) else "o",
